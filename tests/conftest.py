@@ -4,6 +4,7 @@
 * ``require_backend(name, device_type, dtype)``: skip with the dispatch's reason when a
   backend cannot run here, unless ``SELHN_REQUIRE`` (comma-separated backend names) lists
   it, in which case the test fails: CI sets it so a missing build is never a silent skip.
+* Without a CUDA device, ``TRITON_INTERPRET=1`` is set for the whole run.
 * ``SELHN_STRICT_SKIPS=1``: any skip outside a ``gpu`` test fails the run.
 * The terminal summary prints how many tests passed per backend (the ``backend``
   parameter of a parametrized test, or ``@pytest.mark.backend("name")``).
@@ -17,9 +18,14 @@ import os
 import pytest
 import torch
 
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run on CPU tensors through the interpreter, which must be chosen
+    # before triton (or selhn_ext) is first imported; conftest loads before any test module.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REQUIRED = {name for name in os.environ.get("SELHN_REQUIRE", "").split(",") if name.strip()}
 STRICT_SKIPS = os.environ.get("SELHN_STRICT_SKIPS", "") == "1"
-HAS_CUDA = torch.cuda.is_available()
 
 _passed_per_backend: collections.Counter = collections.Counter()
 
