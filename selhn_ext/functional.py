@@ -26,7 +26,7 @@ class SelHNStats(NamedTuple):
     gap: Tensor  # (2, B) compute dtype: positive minus hardest negative, NaN if none
 
 
-def _check_embeddings(img: Tensor, txt: Tensor) -> None:
+def _check_embeddings(img: Tensor, txt: Tensor, min_batch: int = 2) -> None:
     for name, t in (("img", img), ("txt", txt)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -46,8 +46,10 @@ def _check_embeddings(img: Tensor, txt: Tensor) -> None:
     if img.device != txt.device:
         raise ValueError(f"img and txt must be on one device, got {img.device} and {txt.device}")
     batch, dim = img.shape
-    if batch < 2:
-        raise ValueError(f"the batch needs at least 2 pairs (B >= 2), got B = {batch}")
+    if batch < min_batch:
+        raise ValueError(
+            f"the batch needs at least {min_batch} pairs (B >= {min_batch}), got B = {batch}"
+        )
     if dim == 0:
         raise ValueError("the embedding dimension D must be at least 1, got D = 0")
 
