@@ -1,9 +1,9 @@
 """selhn_ext: the Selectively Hard Negative (SelHN) triplet loss, fused.
 
-    >>> import torch, selhn_ext
-    >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-    >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-    >>> loss = selhn_ext.selhn_loss(img, txt)
+>>> import torch, selhn_ext
+>>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+>>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+>>> loss = selhn_ext.selhn_loss(img, txt)
 """
 
 from . import ops as _ops  # noqa: F401  (registers the custom ops)

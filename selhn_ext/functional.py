@@ -33,9 +33,7 @@ def _check_embeddings(img: Tensor, txt: Tensor, min_batch: int = 2) -> None:
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (B, D), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if img.shape != txt.shape:
         raise ValueError(
             f"img and txt must have the same shape (B, D), got {tuple(img.shape)} "
@@ -151,9 +149,10 @@ def selhn_loss(
     name = dispatch.choose_backend(backend, img.device.type, img.dtype)
 
     if name == "reference":
-        loss, stats = selhn_loss_reference(
-            img, txt, margin=margin, eps=eps, mode=mode, reduction=reduction, ids=ids
-        )
+        with torch.autocast(img.device.type, enabled=False):
+            loss, stats = selhn_loss_reference(
+                img, txt, margin=margin, eps=eps, mode=mode, reduction=reduction, ids=ids
+            )
         return (loss, SelHNStats(**stats)) if return_stats else loss
 
     per_anchor, gated, near_tie, hardest_index, gap, *_ = torch.ops.selhn_ext.loss_forward(

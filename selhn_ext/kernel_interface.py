@@ -190,7 +190,7 @@ def sparse_and_diagonal_backward(
     upstream gradients of the per-anchor losses; ``row``/``col`` the weights of the
     local rows and of all N columns. O(B*D), no host sync.
     """
-    b, n_cols = rows.shape[0], cols.shape[0]
+    b = rows.shape[0]
     local = torch.arange(b, device=rows.device)
 
     # Image anchor i, hardest caption k_i: dimg_i += w txt_k, dtxt_k += w img_i.

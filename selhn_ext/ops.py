@@ -50,15 +50,17 @@ def loss_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernels = dispatch.kernels(backend)
     batch = img.shape[0]
-    d = positive_scores(img, txt)
-    n = count_negatives(ids, batch, img.device)
-    row_stats, col_stats = kernels.partials(
-        img, txt, d, 0, ids, ids, margin, deterministic=deterministic, allow_tf32=allow_tf32
-    )
+    # The inputs already carry the autocast dtype; the compute dtype rules (§4) apply inside.
+    with torch.autocast(img.device.type, enabled=False):
+        d = positive_scores(img, txt)
+        n = count_negatives(ids, batch, img.device)
+        row_stats, col_stats = kernels.partials(
+            img, txt, d, 0, ids, ids, margin, deterministic=deterministic, allow_tf32=allow_tf32
+        )
     row = finalize(row_stats, d, n, margin, eps, mode)
     col = finalize(col_stats, d, n, margin, eps, mode)
     active = torch.stack([row_stats.active, col_stats.active])
-    return (*(torch.stack([a, b]) for a, b in zip(row[:7], col[:7])), active, d)
+    return (*(torch.stack([a, b]) for a, b in zip(row[:7], col[:7], strict=False)), active, d)
 
 
 @loss_forward.register_fake
@@ -99,6 +101,17 @@ def loss_backward(
     deterministic: bool,
     allow_tf32: bool,
 ) -> tuple[Tensor, Tensor]:
+    with torch.autocast(img.device.type, enabled=False):
+        return _loss_backward_impl(
+            grad_loss, img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active,
+            positive, margin, backend, deterministic, allow_tf32,
+        )  # fmt: skip
+
+
+def _loss_backward_impl(
+    grad_loss, img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active,
+    positive, margin, backend, deterministic, allow_tf32,
+):  # fmt: skip
     kernels = dispatch.kernels(backend)
     cdt = compute_dtype(img.dtype)
     up = grad_loss.to(cdt)

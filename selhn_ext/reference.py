@@ -187,7 +187,7 @@ class ChunkedKernels:
                 active=(valid & (col_arg > 0)).sum(dim=0, dtype=torch.int32),
             )
             col = merge_stats(col, block_col)
-        row = DirectionStats(*(torch.cat(parts) for parts in zip(*row_parts)))
+        row = DirectionStats(*(torch.cat(parts) for parts in zip(*row_parts, strict=False)))
         # NaN must survive max(): torch.max already propagates it; -0.0 equals +0.0 there.
         return row, col
 

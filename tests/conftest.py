@@ -74,7 +74,9 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.skipped and STRICT_SKIPS and "gpu" not in item.keywords:
         report.outcome = "failed"
-        report.longrepr = f"skipped outside the gpu marker (SELHN_STRICT_SKIPS=1): {report.longrepr}"
+        report.longrepr = (
+            f"skipped outside the gpu marker (SELHN_STRICT_SKIPS=1): {report.longrepr}"
+        )
     if report.when == "call" and report.passed:
         backend = _backend_of(item)
         if backend is not None:
