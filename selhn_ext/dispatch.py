@@ -68,7 +68,10 @@ def _load_chunked():
 
 def _compiled_missing(device_type: str) -> str | None:
     if importlib.util.find_spec(__package__ + "._cpp") is None:
-        return "the compiled kernels are not part of this install"
+        return (
+            "the compiled kernels are not part of this install: with torch installed, "
+            "reinstall with `pip install --no-build-isolation .`"
+        )
     from . import _cpp
 
     return _cpp.load_error(device_type)
