@@ -75,6 +75,7 @@ class TrainConfig:
     # Data and evaluation.
     captions_per_image: int = 5
     num_workers: int = 0
+    token_cache_dir: str | None = None  # frozen MiniLM token states (None: see train.py)
     eval_batch_size: int = 256
     dev_split: str = "dev"
 
@@ -123,7 +124,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ConfigError(f"batch_size must be >= 2 (the loss needs negatives), got 1")
+            raise ConfigError("batch_size must be >= 2 (the loss needs negatives), got 1")
         for name in ("lr_decay_epoch", "warmup_epochs", "chunk_size", "num_workers",
                      "max_steps"):  # fmt: skip
             if getattr(self, name) < 0:
