@@ -137,7 +137,9 @@ def _header_error(rows: Tensor) -> str | None:
     """The one message every rank raises, or None if the ranks' inputs fit together."""
     failed = [r for r in range(rows.shape[0]) if rows[r, _ERROR]]
     if failed:
-        return "; ".join(f"rank {r} rejected its inputs: {_decode_message(rows[r])}" for r in failed)
+        return "; ".join(
+            f"rank {r} rejected its inputs: {_decode_message(rows[r])}" for r in failed
+        )
     table = {field: rows[:, k].tolist() for k, field in enumerate(_FIELDS)}
     for field, label in _FIELD_NAMES.items():
         values = table[field]
@@ -218,10 +220,11 @@ class _Ranks:
         )
 
     def gather_stack(self, what: str, t: Tensor) -> Tensor:
-        """(world, *t.shape): every rank's tensor of one shape, in rank order."""
-        out = t.new_empty((self.world, *t.shape))
+        """(world, *t.shape): every rank's tensor of one shape (at least 1-D), in rank order."""
+        # gloo takes only the concatenated (world * t.shape[0], ...) output layout.
+        out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))
         self._run(what, _all_gather_single, out, t.contiguous())
-        return out
+        return out.view(self.world, *t.shape)
 
     def gather_rows(self, what: str, t: Tensor) -> Tensor:
         """(N, ...): every rank's (b_r, ...) rows concatenated in rank order."""
@@ -385,7 +388,7 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, ranks: _Ranks) -> Tensor:
-        return ranks.gather_stack("the loss all-gather", local).sum()
+        return ranks.gather_stack("the loss all-gather", local.reshape(1)).sum()
 
     @staticmethod
     def backward(ctx, grad):
@@ -481,7 +484,9 @@ def selhn_loss(
         _check_ids(ids, img)
         check_options(margin, eps, mode, reduction, backend)
         if uses_nccl and img.device.type != "cuda":
-            raise ValueError(f"the group's backend is NCCL, which needs CUDA tensors, got {img.device}")
+            raise ValueError(
+                f"the group's backend is NCCL, which needs CUDA tensors, got {img.device}"
+            )
         img, txt = autocast_inputs(img, txt)
         name = dispatch.choose_backend(backend, img.device.type, img.dtype)
         name = "chunked" if name == "reference" else name
@@ -501,12 +506,13 @@ def selhn_loss(
 
     device = _control_device(img, uses_nccl)
     header = _encode_header(values, error, device)
-    rows = torch.empty((world, _HEADER_LENGTH), dtype=torch.int64, device=device)
+    rows = torch.empty(world * _HEADER_LENGTH, dtype=torch.int64, device=device)
     try:
         _all_gather_single(rows, header, group=group)
     except RuntimeError as exc:
         raise CollectiveError(_timeout_hint("the input header all-gather", rank, exc)) from exc
-    message = _header_error(rows.cpu())
+    rows = rows.view(world, _HEADER_LENGTH).cpu()
+    message = _header_error(rows)
     if message is not None:
         raise DistributedInputError("selhn_loss: " + message) from error
 
