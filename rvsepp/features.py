@@ -212,7 +212,13 @@ def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
             else:
                 rgb = image.convert("RGB")
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as err:
         raise FeatureExtractionError(f"{path}: unreadable image ({err})") from None
     pixels = np.asarray(rgb, dtype=np.float32) / 255.0
     return ((pixels - 0.5) / 0.5).transpose(2, 0, 1).copy()
@@ -595,7 +601,7 @@ def extract_features(
             if not (image_root / row.image).is_file():
                 raise FeatureExtractionError(
                     f"{tsv}: line {row.line} names image {row.image!r}, but "
-                    f"{image_root / row.image} does not exist"
+                    f"{image_root / row.image} does not exist (or is not a file)"
                 )
             checked.add(row.image)
     plans = _plan_splits(rows, fractions, split_seed, max_images)

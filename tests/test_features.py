@@ -457,3 +457,23 @@ def test_real_encoder_features(tmp_path: Path, real_encoder: RegionEncoder) -> N
 
 def test_module_constants() -> None:
     assert (features.IMAGE_SIZE, features.GRID, features.FEATURE_DIM) == (224, 6, 1280)
+
+
+def test_shipped_emoji_subset_is_complete_and_small() -> None:
+    from rvsepp.demo_data import EMOJI_CAPTIONS, EMOJI_IMAGES
+
+    rows = read_caption_tsv(EMOJI_CAPTIONS)
+    names = {row.image for row in rows}
+    files = {p.name for p in EMOJI_IMAGES.iterdir()}
+    assert names == files  # every image has a caption and every caption an image
+    assert 300 <= len(names) <= 600
+    assert len(rows) >= 2 * len(names)  # several captions per image on average
+    total = sum((EMOJI_IMAGES / name).stat().st_size for name in names)
+    assert total + EMOJI_CAPTIONS.stat().st_size < 3_000_000
+    skin_tones = {f"u{cp:05x}.png" for cp in range(0x1F3FB, 0x1F400)}
+    assert not names & skin_tones
+    assert "Apache" in (EMOJI_IMAGES.parent / "LICENSE").read_text(encoding="utf-8")
+    for name in sorted(names)[:: len(names) // 5]:  # a few decode as 64 px images
+        with Image.open(EMOJI_IMAGES / name) as image:
+            assert image.size == (64, 64)
+        assert load_rgb_image(EMOJI_IMAGES / name).shape == (3, IMAGE_SIZE, IMAGE_SIZE)
