@@ -477,3 +477,53 @@ def test_shipped_emoji_subset_is_complete_and_small() -> None:
         with Image.open(EMOJI_IMAGES / name) as image:
             assert image.size == (64, 64)
         assert load_rgb_image(EMOJI_IMAGES / name).shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+KILLED_RUN = """
+import os, signal, sys
+import numpy as np
+from rvsepp import features
+
+real_save, saves = np.save, 0
+
+def dying_save(handle, array, allow_pickle=False):
+    # The second .npy write is torn: half a header, then the process is killed outright.
+    global saves
+    saves += 1
+    if saves == 2:
+        handle.write(b"\\x93NUMPY torn")
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(handle, array, allow_pickle=allow_pickle)
+
+np.save = dying_save
+sys.path.insert(0, sys.argv[4])
+from test_features import fake_encoder
+
+features.extract_features(sys.argv[1], sys.argv[2], sys.argv[3], split=(0.6, 0.2, 0.2),
+                          batch_size=2, shard_images=2, progress=False, encoder=fake_encoder)
+"""
+
+
+def test_process_killed_mid_write_resumes(dataset, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    images, tsv = dataset
+    options = dict(split=(0.6, 0.2, 0.2), batch_size=2, shard_images=2, progress=False)
+    whole = CountingEncoder(fake_encoder)  # same encoder description in meta.json
+    extract_features(images, tsv, tmp_path / "whole", encoder=whole, **options)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(features.__file__).parents[1])}
+    script = [sys.executable, "-c", KILLED_RUN, str(images), str(tsv), str(out)]
+    done = subprocess.run([*script, str(Path(__file__).parent)], env=env, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    torn = [p.name for p in (out / STATE_DIR).iterdir() if ".tmp-" in p.name]
+    assert len(torn) == 1 and torn[0].startswith("train_000000002.npy")  # the second shard
+
+    counting = CountingEncoder(fake_encoder)
+    summary = extract_features(images, tsv, out, resume=True, encoder=counting, **options)
+    assert counting.calls == 3 and summary["reused_images"] == 2  # shard 0 kept
+    assert output_files(out) == output_files(tmp_path / "whole")
