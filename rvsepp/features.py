@@ -200,6 +200,8 @@ def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
     try:
         with Image.open(path) as opened:
+            # Large JPEGs decode at a reduced scale that still covers the target size.
+            opened.draft(None, (size, size))
             opened.load()
             image = ImageOps.exif_transpose(opened)
             has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
