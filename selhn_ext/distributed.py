@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from .functional import (
@@ -335,6 +336,7 @@ class _GlobalBatchSelHN(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, *unused):
         (img, txt, ids, txt_all, d_all, ids_all,
          row_gated, row_hardest, row_dense, row_hard, row_active,
@@ -404,11 +406,12 @@ def _device_code(device: torch.device) -> int:
 
 
 def _control_device(img, uses_nccl: bool) -> torch.device:
-    """Where the header travels: the inputs' device, or the one NCCL needs."""
+    """Where the header travels: the inputs' device, or a CUDA device for NCCL."""
+    if isinstance(img, Tensor) and img.device.type in _DEVICE_TYPES:
+        if img.device.type == "cuda" or not uses_nccl:
+            return img.device
     if uses_nccl:
         return torch.device("cuda", torch.cuda.current_device())
-    if isinstance(img, Tensor) and img.device.type in _DEVICE_TYPES:
-        return img.device
     return torch.device("cpu")
 
 
@@ -475,6 +478,8 @@ def selhn_loss(
         )  # fmt: skip
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("selhn_loss: this process is not a member of the given group")
     uses_nccl = dist.get_backend(group) == "nccl"
     error: Exception | None = None
     values: dict[str, int] = {}
@@ -521,7 +526,7 @@ def selhn_loss(
     ranks = _Ranks(
         group=group,
         rank=rank,
-        sizes=tuple(rows[:, 0].tolist()),
+        sizes=tuple(rows[:, _FIELDS.index("batch")].tolist()),
         device=img.device,
         reduce_scatter=uses_nccl and not deterministic,
     )

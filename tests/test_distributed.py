@@ -125,9 +125,15 @@ def test_matches_single_process_reference(world, backend, tmp_path):
     _same_on_every_rank(results, "loss_bits")
 
 
+@pytest.fixture(scope="module")
+def robustness_results(tmp_path_factory) -> list[dict]:
+    """One 3-rank run of the error, group-of-one, determinism and timeout checks."""
+    return _spawn("robustness", 3, "chunked", tmp_path_factory.mktemp("robustness"))
+
+
 @pytest.mark.backend("distributed")
-def test_bad_inputs_raise_the_same_error_on_every_rank(tmp_path):
-    results = _spawn("errors", 3, "chunked", tmp_path)
+def test_bad_inputs_raise_the_same_error_on_every_rank(robustness_results):
+    results = robustness_results
     messages = _same_on_every_rank(results, "messages")
     assert "the embedding dimension D: rank 0 has 6, rank 1 has 7" in messages["dim"]
     assert "the embedding dtype: rank 0 has float64, rank 1 has float32" in messages["dtype"]
@@ -140,9 +146,11 @@ def test_bad_inputs_raise_the_same_error_on_every_rank(tmp_path):
 
 
 @pytest.mark.backend("distributed")
-def test_group_of_one_determinism_and_timeout(tmp_path):
-    results = _spawn("group", 2, "chunked", tmp_path)
+def test_group_of_one_determinism_and_timeout(robustness_results):
+    results = robustness_results
     assert results[0]["group_of_one_matches_plain_loss"]
+    for result in results[1:]:
+        assert "not a member of the given group" in result["non_member"]
     for result in results:
         assert result["deterministic_repeats_match"]
     timeout = results[0]["timeout"]
@@ -374,7 +382,7 @@ def _error_message(call) -> str:
     raise AssertionError("expected a DistributedInputError")
 
 
-def _scenario_errors(rank: int, world: int, backend: str) -> dict:
+def _scenario_robustness(rank: int, world: int, backend: str) -> dict:
     import selhn_ext.distributed as sd
 
     sizes = (3, 5, 1)
@@ -412,10 +420,11 @@ def _scenario_errors(rank: int, world: int, backend: str) -> dict:
         reduction="mean",
     )  # fmt: skip
     _assert_matches(got, want, rows, "after the errors", tol=1e-10)
-    return dict(messages=messages, after_errors_ok=True)
+    return dict(messages=messages, after_errors_ok=True, **_group_checks(rank, world, backend))
 
 
-def _scenario_group(rank: int, world: int, backend: str) -> dict:
+def _group_checks(rank: int, world: int, backend: str) -> dict:
+    """A group of one, deterministic repeats, and a rank that never calls the loss."""
     import torch.distributed as dist
 
     import selhn_ext
@@ -429,9 +438,15 @@ def _scenario_group(rank: int, world: int, backend: str) -> dict:
         loss = sd.selhn_loss(img, txt, group=solo, backend=backend)
         plain = selhn_ext.selhn_loss(img, txt, backend=backend)
         result["group_of_one_matches_plain_loss"] = loss.item() == plain.item()
+    else:
+        try:
+            sd.selhn_loss(img, txt, group=solo, backend=backend)
+            result["non_member"] = "no error"
+        except ValueError as exc:
+            result["non_member"] = str(exc)
 
     # Deterministic mode: repeated calls give the same bits.
-    sizes = (3, 6)
+    sizes = (3, 6, 2)[:world]
     offset = sum(sizes[:rank])
     rows = slice(offset, offset + sizes[rank])
     img, txt, _ = _global_batch(sizes, dim=5, seed=6)
@@ -451,7 +466,7 @@ def _scenario_group(rank: int, world: int, backend: str) -> dict:
         try:
             sd.selhn_loss(img[rows], txt[rows], group=short, backend=backend)
             result["timeout"] = dict(raised=None)
-        except Exception as exc:  # noqa: BLE001 - the test inspects whatever was raised
+        except Exception as exc:  # the test inspects whatever was raised
             result["timeout"] = dict(
                 raised=type(exc).__name__, message=str(exc), seconds=time.monotonic() - start
             )
@@ -502,8 +517,7 @@ def _scenario_memory(rank: int, world: int, backend: str) -> dict:
 
 SCENARIOS = {
     "correctness": _scenario_correctness,
-    "errors": _scenario_errors,
-    "group": _scenario_group,
+    "robustness": _scenario_robustness,
     "memory": _scenario_memory,
 }
 
