@@ -86,16 +86,13 @@ class CaptionRow:
 
 def parse_split_fractions(value: str | Sequence[float]) -> tuple[float, float, float]:
     """Validate ``"0.8,0.1,0.1"`` or a 3-sequence: train, dev, test fractions > 0, sum 1."""
-    if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",")]
-        try:
-            fractions = [float(part) for part in parts]
-        except ValueError:
-            raise FeatureExtractionError(
-                f"bad split fractions {value!r}: expected three numbers like 0.8,0.1,0.1"
-            ) from None
-    else:
-        fractions = [float(part) for part in value]
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        fractions = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        raise FeatureExtractionError(
+            f"bad split fractions {value!r}: expected three numbers like 0.8,0.1,0.1"
+        ) from None
     if len(fractions) != 3:
         raise FeatureExtractionError(
             f"bad split fractions {value!r}: expected three (train, dev, test), "

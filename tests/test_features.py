@@ -145,9 +145,10 @@ def test_parse_split_fractions() -> None:
         ("1.2,-0.1,-0.1", "each must be a number > 0"),
         ("0.5,0.3,0.3", "sum to 1.1, not 1"),
         ("nan,0.5,0.5", "each must be a number > 0"),
+        (("0.8", None, 0.1), "three numbers"),
     ],
 )
-def test_bad_split_fractions(value: str, problem: str) -> None:
+def test_bad_split_fractions(value, problem: str) -> None:
     with pytest.raises(FeatureExtractionError, match=f"bad split fractions.*{problem}"):
         parse_split_fractions(value)
 
