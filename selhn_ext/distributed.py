@@ -22,6 +22,7 @@ No rank holds a B x B or b_r x B matrix; the extra memory per rank is O(N*D).
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -278,6 +279,17 @@ def _merge_over_ranks(ranks: _Ranks, partial: DirectionStats) -> DirectionStats:
 # Autograd
 
 
+def _without_autocast(method):
+    """The inputs already carry the autocast dtype; the compute dtype rules apply inside."""
+
+    @functools.wraps(method)
+    def run(ctx, first: Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return run
+
+
 @dataclass(frozen=True)
 class _Options:
     margin: float
@@ -292,6 +304,7 @@ class _GlobalBatchSelHN(torch.autograd.Function):
     """Per-anchor losses (2, b_r) of this rank's anchors within the global batch."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, img, txt, ids, ranks: _Ranks, options: _Options):
         kernels = dispatch.kernels(options.backend)
         total, offset, local = ranks.total, ranks.offset, ranks.local
@@ -337,6 +350,7 @@ class _GlobalBatchSelHN(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_without_autocast
     def backward(ctx, grad_loss, *unused):
         (img, txt, ids, txt_all, d_all, ids_all,
          row_gated, row_hardest, row_dense, row_hard, row_active,

@@ -301,6 +301,7 @@ def _scenario_correctness(rank: int, world: int, backend: str) -> dict:
                         hard_anchors += int((~got[1].gated).sum())
                     fp64_checks += 1
         two_step_checks += _two_step(img, txt, upstream, rows, sizes, backend)
+        _check_autocast(img, txt, rows, backend)
     return dict(
         loss_bits=loss_bits,
         fp64_checks=fp64_checks,
@@ -370,6 +371,22 @@ def _two_step(img, txt, upstream, rows, sizes, backend) -> int:
                 )
             checks += 1
     return checks
+
+
+def _check_autocast(img, txt, rows, backend) -> None:
+    """Under CPU autocast, fp32 embeddings take the bf16 path, computed in fp32 inside."""
+    import selhn_ext.distributed as sd
+
+    x, y = _local(img, rows, torch.float32), _local(txt, rows, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sd.selhn_loss(x, y, mode="all", backend=backend)
+    loss.backward()
+    xb, yb = _local(x, slice(None), torch.bfloat16), _local(y, slice(None), torch.bfloat16)
+    expected = sd.selhn_loss(xb, yb, mode="all", backend=backend)
+    expected.backward()
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected), (loss, expected)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, xb.grad.float())
+    assert torch.equal(y.grad, yb.grad.float())
 
 
 def _error_message(call) -> str:
