@@ -21,8 +21,8 @@ CPU_SOURCES = [f"{CSRC}/selhn_ops.cpp", f"{CSRC}/selhn_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/selhn_cuda.cu"]
 # -ffp-contract=off: the CPU tile kernel fuses multiply-adds only where it says so, so
 # every element of S is computed the same way (see csrc/selhn_cpu.cpp).
-CXX_FLAGS = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-g0", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 ext_modules = []
 cmdclass = {}
