@@ -1,0 +1,130 @@
+"""Draw PNG figures from benchmark CSV rows.
+
+    python bench/plot.py bench/results/cpu.csv [--out bench/results]
+
+One figure per (device, dtype, D, gate mix) group with data: median time (top) and peak
+extra memory (bottom) against B, log-log, for each pass (columns), one line per backend
+(and option: ``/det`` deterministic, ``+stats`` with return_stats, ``/hardest`` mode).
+``torch_mm`` (one torch.mm of the same shape) is drawn dashed in every time panel: the
+floor. Only ``ok`` rows are drawn; the latest row of each measurement wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PASSES, RESULTS_DIR, read_rows  # noqa: E402
+from table import latest  # noqa: E402
+
+
+def _line_label(row: dict[str, str]) -> str:
+    label = row["backend"]
+    mode = row["mode"]
+    if mode.startswith("hardest") or mode.startswith("all") or mode.startswith("sum_hinges"):
+        label += "/" + mode.split("+")[0]
+    if row["deterministic"] == "1":
+        label += "/det"
+    if mode.endswith("+stats"):
+        label += "+stats"
+    return label
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def figure_groups(rows: list[dict[str, str]]) -> dict[tuple, list[dict[str, str]]]:
+    """(device, dtype, D, gate mix) -> its ok rows, with the torch_mm rows of its shapes."""
+    ok = [r for r in latest(rows) if r["status"] == "ok" and r["median_ms"]]
+    floors = [r for r in ok if r["backend"] == "torch_mm"]
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for row in ok:
+        if row["backend"] != "torch_mm":
+            groups[(row["device"], row["dtype"], row["D"], row["gate_mix"])].append(row)
+    for (device, dtype, dim, _), members in groups.items():
+        members += [f for f in floors if (f["device"], f["dtype"], f["D"]) == (device, dtype, dim)]
+    return groups
+
+
+def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (device, dtype, dim, mix), members in sorted(figure_groups(rows).items()):
+        fig, axes = plt.subplots(2, len(PASSES), figsize=(5 * len(PASSES), 8), squeeze=False)
+        lines: dict[tuple[str, str], list[tuple[int, float, int]]] = defaultdict(list)
+        floor: list[tuple[int, float, int]] = []
+        for row in members:
+            point = (int(row["B"]), float(row["median_ms"]), int(row["peak_extra_bytes"] or 0))
+            if row["backend"] == "torch_mm":
+                floor.append(point)
+            else:
+                lines[(_line_label(row), row["pass"])].append(point)
+        labels = sorted({label for label, _ in lines})
+        for column, pass_name in enumerate(PASSES):
+            time_ax, mem_ax = axes[0][column], axes[1][column]
+            for label in labels:
+                points = sorted(lines.get((label, pass_name), []))
+                if not points:
+                    continue
+                batch = [p[0] for p in points]
+                time_ax.plot(batch, [p[1] for p in points], marker="o", label=label)
+                memory = [(b, p[2]) for b, p in zip(batch, points, strict=False) if p[2] > 0]
+                if memory:
+                    mem_ax.plot(*zip(*memory, strict=False), marker="o", label=label)
+            if floor:
+                floor_points = sorted(floor)
+                time_ax.plot(
+                    [p[0] for p in floor_points],
+                    [p[1] for p in floor_points],
+                    "k--",
+                    marker="x",
+                    label="torch_mm (floor)",
+                )
+            time_ax.set_title(pass_name)
+            time_ax.set_ylabel("median time (ms)")
+            mem_ax.set_ylabel("peak extra memory (bytes)")
+            for ax in (time_ax, mem_ax):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("batch B")
+                ax.grid(True, which="both", alpha=0.3)
+                if ax.has_data():
+                    ax.set_yscale("log")
+                    ax.legend(fontsize=7)
+        fig.suptitle(f"SelHN loss: {device}, {dtype}, D = {dim}, gate mix '{mix}'")
+        fig.tight_layout()
+        path = out_dir / f"{_slug(device)}_{dtype}_D{dim}_{mix}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", nargs="*", type=Path, help="default: bench/results/*.csv")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the PNGs")
+    args = parser.parse_args(argv)
+    paths = args.csv or sorted(RESULTS_DIR.glob("*.csv"))
+    if not paths:
+        raise SystemExit("no CSV given and none in bench/results/")
+    written = plot(read_rows(paths), args.out)
+    for path in written:
+        print(path)
+    if not written:
+        print("no ok rows to draw")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
