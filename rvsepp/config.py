@@ -57,6 +57,7 @@ class TrainConfig:
     vocab_path: str | None = None  # a SCAN vocabulary JSON; None builds one from train captions
     minilm_finetune: bool = False  # False: frozen MiniLM with cached token states
     minilm_lr_scale: float = 0.1  # learning-rate factor of the MiniLM transformer when fine-tuned
+    freeze_batchnorm: bool = False  # keep BatchNorm layers in eval mode while training
     gpo_pe_dim: int = 32
     gpo_hidden: int = 32
 

@@ -669,7 +669,7 @@ def train(
             epoch_start = time.perf_counter()
             totals = np.zeros(5)  # loss, gated r/c, near-tie r/c summed over the epoch's steps
             epoch_steps = 0
-            model.train()
+            set_training_mode(model, config)
             batches = iter(loader)
             bar = _progress_bar(config, is_main, len(sampler), progress.step_in_epoch, epoch + 1)
             for batch in batches:
@@ -733,7 +733,7 @@ def train(
                         model, dev_split, config.eval_batch_size, device, text=dev_text
                     )
                     metrics = retrieval_metrics(img_emb, txt_emb, img_index)
-                model.train()
+                set_training_mode(model, config)
                 last_metrics = {key: float(value) for key, value in metrics.items()}
                 row = {
                     "epoch": epoch + 1, "step": progress.step, "mode": mode, "lr": lr,
@@ -788,6 +788,24 @@ def train(
     }
 
 
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any], device: Any = "cpu"
+) -> tuple[nn.Module, Any]:
+    """The model of a checkpoint (weights loaded, eval mode) and its vocabulary (or None)."""
+    from .config import config_from_dict
+    from .model import build_model
+
+    config = config_from_dict(checkpoint["config"], source="checkpoint config")
+    vocab = build_vocabulary(config, None, checkpoint["vocab"])
+    model = build_model(
+        config, len(vocab) if vocab is not None else None, device,
+        feature_dim=int(checkpoint["feature_dim"]), vocab=vocab,
+    )  # fmt: skip
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    return model, vocab
+
+
 def build_vocabulary(
     config: TrainConfig, train_split: Any, saved: Mapping[str, Any] | None = None
 ) -> Any:
@@ -834,6 +852,16 @@ def make_text(
     )  # fmt: skip
 
 
+def set_training_mode(model: nn.Module, config: TrainConfig) -> None:
+    """``model.train()``, with BatchNorm layers left in eval mode if ``freeze_batchnorm``
+    (running statistics used and never updated; their affine weights still train)."""
+    model.train()
+    if config.freeze_batchnorm:
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.eval()
+
+
 def _share_progress(progress: Progress, device: torch.device) -> None:
     """Rank 0 evaluated; every rank learns the best epoch so far (one small broadcast)."""
     import torch.distributed as dist
@@ -850,8 +878,8 @@ _RESUME_MUST_MATCH = (
     "lr", "weight_decay", "lr_decay_epoch", "lr_decay_factor", "grad_clip", "batch_size",
     "drop_last", "loss_mode", "warmup_epochs", "margin", "eps", "mask_same_image",
     "embed_dim", "text_encoder", "word_dim", "minilm_finetune", "minilm_lr_scale",
-    "gpo_pe_dim", "gpo_hidden", "augment", "region_dropout", "token_select_prob",
-    "token_mask_prob", "token_replace_prob", "token_delete_prob", "seed",
+    "gpo_pe_dim", "gpo_hidden", "freeze_batchnorm", "augment", "region_dropout",
+    "token_select_prob", "token_mask_prob", "token_replace_prob", "token_delete_prob", "seed",
     "captions_per_image",
 )  # fmt: skip
 
