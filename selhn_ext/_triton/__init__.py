@@ -1,0 +1,9 @@
+"""Backend ``triton``: fused Triton kernels behind the kernel interface.
+
+``KERNELS`` implements ``partials`` and ``dense_backward`` of ``kernel_interface.py``;
+``testing`` holds the test-only switches (reversed block order, recomputed-tile counter).
+"""
+
+from .launch import CONFIGS, KERNELS, BlockConfig, TritonKernels, compact, testing
+
+__all__ = ["CONFIGS", "KERNELS", "BlockConfig", "TritonKernels", "compact", "testing"]

@@ -1,0 +1,174 @@
+"""Compile every Triton kernel specialization the dispatch can launch, for sm_90, on CPU.
+
+Usage: python tests/triton_aot.py [--arch 90] [--list] [--quick]
+
+No GPU is needed: triton lowers to PTX and runs its bundled ptxas for the target. This
+catches what the interpreter accepts but the compiler rejects (a tl.dot dimension under
+16, unsupported casts, constexpr misuse). Run it with TRITON_INTERPRET unset. Works with
+triton 3.6 and 3.7 (the ASTSource(fn, signature, constexprs, attrs) form of both).
+
+Exit status 0 when every specialization compiles; one line per kernel either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from itertools import product
+
+if os.environ.get("TRITON_INTERPRET", "") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from selhn_ext._triton import kernels  # noqa: E402
+from selhn_ext._triton.launch import (  # noqa: E402
+    BACKWARD_PASSES,
+    COMPACT_BLOCK,
+    CONFIGS,
+    precision,
+)
+
+POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+# Arguments that are 1 for contiguous inputs: triton turns such values into constants.
+UNIT_STRIDES = ("stride_rk", "stride_ck")
+# Integer arguments that are multiples of 16 in the usual aligned call (D = 1024, ...).
+ALIGNED_INTS = ("D", "stride_rm", "stride_cn")
+
+
+def _source(fn, types: dict[str, str], constexprs: dict[str, object]) -> ASTSource:
+    """ASTSource with the launch-time specialization: pointers 16-byte aligned,
+    unit strides constant, and the aligned integer arguments divisible by 16."""
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        else:
+            signature[name] = types[name]
+            if types[name].startswith("*") or name in ALIGNED_INTS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    params = inspect.signature(ASTSource.__init__).parameters
+    key = "constexprs" if "constexprs" in params else "constants"
+    return ASTSource(fn, signature, **{key: constants}, attrs=attrs)
+
+
+def _types(fn, pointers: dict[str, str], floats: tuple[str, ...]) -> dict[str, str]:
+    """Every non-constexpr argument: pointers as given, floats fp32, the rest i32."""
+    types = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            types[name] = pointers[name]
+        elif name in floats:
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def specializations(quick: bool = False):
+    """(label, fn, types, constexprs, num_warps, num_stages) for every launchable kernel."""
+    precisions = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
+                  (torch.float32, True)]  # fmt: skip
+    if quick:
+        precisions = precisions[:1]
+    for dtype, tf32 in precisions:
+        cfg = CONFIGS[dtype]
+        data = POINTER_TYPES[dtype]
+        prec = precision(dtype, tf32)
+        blocks = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=prec, UPCAST=False)
+        fn = kernels.partials_kernel
+        pointers = {
+            "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
+            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64",
+            "row_key_ptr": "*i64", "row_sum_ptr": "*fp32", "row_cnt_ptr": "*i32",
+            "col_key_ptr": "*i64", "col_sum_ptr": "*fp32", "col_cnt_ptr": "*i32",
+        }  # fmt: skip
+        for has_ids, deterministic in product((False, True), repeat=2):
+            label = f"partials {dtype} {prec} ids={has_ids} deterministic={deterministic}"
+            constexprs = dict(blocks, HAS_IDS=has_ids, DETERMINISTIC=deterministic, REVERSE=False)
+            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
+                cfg.num_stages  # fmt: skip
+
+        fn = kernels.dense_backward_kernel
+        pointers = {
+            "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
+            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "coef_ptr": "*fp32",
+            "gated_index_ptr": "*i32", "gated_count_ptr": "*i32",
+            "grad_rows_ptr": "*fp32", "grad_cols_ptr": "*fp32", "tile_counter_ptr": "*i32",
+        }  # fmt: skip
+        for deterministic, passes in BACKWARD_PASSES.items():
+            for step, flags in enumerate(passes):
+                for has_ids in (False, True):
+                    label = (
+                        f"dense_backward {dtype} {prec} ids={has_ids} "
+                        f"deterministic={deterministic} pass={step}"
+                    )
+                    constexprs = dict(
+                        blocks,
+                        BD=cfg.BD,
+                        GATED_IS_ROW=flags.gated_is_row,
+                        OUTER_IS_GATED=flags.outer_is_gated,
+                        WRITE_ROWS=flags.write_rows,
+                        WRITE_COLS=flags.write_cols,
+                        ATOMIC=flags.atomic,
+                        HAS_IDS=has_ids,
+                        COUNT_TILES=False,
+                        REVERSE=False,
+                    )
+                    yield label, fn, _types(fn, pointers, ("margin",)), constexprs, \
+                        cfg.num_warps, cfg.num_stages  # fmt: skip
+
+    fn = kernels.compact_kernel
+    pointers = {"flag_ptr": "*i8", "index_ptr": "*i32", "count_ptr": "*i32"}
+    yield "compact", fn, _types(fn, pointers, ()), {"BLOCK": COMPACT_BLOCK}, 4, 1
+
+
+def compile_one(fn, types, constexprs, num_warps, num_stages, arch: int):
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(_source(fn, types, constexprs), target=target, options=options.__dict__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10")
+    parser.add_argument("--list", action="store_true", help="list the specializations only")
+    parser.add_argument("--quick", action="store_true", help="bfloat16 kernels only")
+    args = parser.parse_args(argv)
+    print(f"triton {triton.__version__}, target sm_{args.arch}", flush=True)
+    failures = 0
+    total = 0
+    for label, fn, types, constexprs, num_warps, num_stages in specializations(args.quick):
+        total += 1
+        if args.list:
+            print(label)
+            continue
+        start = time.perf_counter()
+        try:
+            compiled = compile_one(fn, types, constexprs, num_warps, num_stages, args.arch)
+        except Exception as error:  # report every failing specialization, then fail
+            failures += 1
+            first = str(error).strip().splitlines()[:6]
+            print(f"FAIL {label}: {type(error).__name__}: " + " | ".join(first), flush=True)
+            continue
+        ptx = compiled.asm.get("ptx", "")
+        mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+        seconds = time.perf_counter() - start
+        print(f"ok   {label}: {seconds:.1f} s, {mma}, shared {compiled.metadata.shared} B",
+              flush=True)  # fmt: skip
+    print(f"{total - failures}/{total} specializations compiled", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
