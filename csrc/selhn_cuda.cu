@@ -119,6 +119,7 @@ struct Problem {
 
 template <typename In>
 __device__ void stage_indices(SharedTile<In>& sm, TileSide rows, TileSide cols) {
+  __syncthreads();  // the previous tile's epilogue may still read the indices and S
   for (int k = threadIdx.x; k < kBM; k += kThreads) sm.row_index[k] = k < rows.count ? rows.at(k) : -1;
   for (int k = threadIdx.x; k < kBN; k += kThreads) sm.col_index[k] = k < cols.count ? cols.at(k) : -1;
   __syncthreads();
