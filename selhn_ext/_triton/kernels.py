@@ -202,8 +202,9 @@ def partials_kernel(
             first = tl.min(tl.where(order == best[:, None], arange_n[None, :], BN), axis=1)
             run_key = tl.maximum(run_key, _pack(best, col_glob0 + first))
             row_arg = shifted - d_row[:, None]
-            run_sum += tl.sum(_hinge(row_arg, valid), axis=1)
-            run_cnt += tl.sum((valid & (row_arg > 0.0)).to(tl.int32), axis=1)
+            hinge = _hinge(row_arg, valid)
+            run_sum += tl.sum(hinge, axis=1)
+            run_cnt += tl.sum((hinge > 0.0).to(tl.int32), axis=1)  # NaN > 0 is false
 
             # Column direction: this tile's partials, merged into the global ones now.
             d_col = tl.load(col_pos_ptr + col_glob, mask=col_ok, other=0.0)
@@ -212,8 +213,9 @@ def partials_kernel(
             key_c = _pack(best_c, row_glob0 + first_c)
             tl.atomic_max(col_key_ptr + col_glob, key_c, mask=col_ok, sem="relaxed")
             col_arg = shifted - d_col[None, :]
-            sum_c = tl.sum(_hinge(col_arg, valid), axis=0)
-            cnt_c = tl.sum((valid & (col_arg > 0.0)).to(tl.int32), axis=0)
+            hinge_c = _hinge(col_arg, valid)
+            sum_c = tl.sum(hinge_c, axis=0)
+            cnt_c = tl.sum((hinge_c > 0.0).to(tl.int32), axis=0)
             tl.atomic_add(col_cnt_ptr + col_glob, cnt_c, mask=col_ok, sem="relaxed")
             if DETERMINISTIC:
                 old = tl.load(col_slot + col_glob, mask=col_ok, other=0.0)

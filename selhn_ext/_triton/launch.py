@@ -131,10 +131,10 @@ def _splits(outer_blocks: int, inner_blocks: int, device: torch.device) -> tuple
     return triton.cdiv(inner_blocks, per_split), per_split
 
 
-def _ids(ids: Tensor | None, fallback: Tensor) -> tuple[Tensor, bool]:
-    """ids as contiguous int64 (one kernel specialization), or a dummy pointer."""
+def _ids(ids: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
+    """ids as contiguous int64 (one kernel specialization), or an empty int64 placeholder."""
     if ids is None:
-        return fallback, False
+        return torch.empty(0, dtype=torch.int64, device=device), False
     return ids.to(torch.int64).contiguous(), True
 
 
@@ -148,7 +148,9 @@ def _decode(key: Tensor) -> tuple[Tensor, Tensor]:
     return best, arg
 
 
-def _check(rows: Tensor, cols: Tensor, col_pos: Tensor, row_offset: int) -> None:
+def _check(rows: Tensor, cols: Tensor, col_pos: Tensor, row_offset: int, row_ids, col_ids) -> None:
+    if (row_ids is None) != (col_ids is None):
+        raise ValueError("row_ids and col_ids must be given together")
     if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
         raise ValueError(
             f"rows and cols must be (b, D) and (N, D), got {tuple(rows.shape)} and "
@@ -183,13 +185,13 @@ class TritonKernels:
         deterministic: bool = False,
         allow_tf32: bool = False,
     ) -> tuple[DirectionStats, DirectionStats]:
-        _check(rows, cols, col_pos, row_offset)
+        _check(rows, cols, col_pos, row_offset, row_ids, col_ids)
         cfg = _config(rows.dtype)
         b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
         device = rows.device
         col_pos = col_pos.to(torch.float32).contiguous()
-        row_ids_t, has_ids = _ids(row_ids, col_pos)
-        col_ids_t, _ = _ids(col_ids, col_pos)
+        row_ids_t, has_ids = _ids(row_ids, device)
+        col_ids_t, _ = _ids(col_ids, device)
         row_blocks = triton.cdiv(b, cfg.BM)
         col_blocks = triton.cdiv(n_cols, cfg.BN)
         splits, per_split = _splits(row_blocks, col_blocks, device)
@@ -248,13 +250,13 @@ class TritonKernels:
         deterministic: bool = False,
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        _check(rows, cols, col_pos, row_offset)
+        _check(rows, cols, col_pos, row_offset, row_ids, col_ids)
         cfg = _config(rows.dtype)
         b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
         device = rows.device
         col_pos = col_pos.to(torch.float32).contiguous()
-        row_ids_t, has_ids = _ids(row_ids, col_pos)
-        col_ids_t, _ = _ids(col_ids, col_pos)
+        row_ids_t, has_ids = _ids(row_ids, device)
+        col_ids_t, _ = _ids(col_ids, device)
         grad_rows = torch.zeros(b, dim, dtype=torch.float32, device=device)
         grad_cols = torch.zeros(n_cols, dim, dtype=torch.float32, device=device)
         row_index, row_count = compact(row_gated)
