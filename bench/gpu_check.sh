@@ -68,7 +68,10 @@ pyrun() {  # pyrun SECONDS args...: python3 from the neutral folder, bounded in 
     local seconds=$1; shift
     (cd "$OUT/run" && PYTHONPATH=$PYTHONPATH_FOR_RUNS timeout -k 5 "$seconds" "$PY" "$@")
 }
-stage_left() { echo $((STAGE_END - $(now))); }
+stage_left() {  # seconds left in this stage, less $1 kept back, at least 5
+    local left=$((STAGE_END - $(now) - ${1:-0}))
+    echo $((left < 5 ? 5 : left))
+}
 
 run_stage() {  # run_stage NUMBER NAME LIMIT RESERVE FUNCTION
     local number=$1 name=$2 limit=$3 reserve=$4 fn=$5
@@ -128,18 +131,19 @@ stage_build() {
     fi
     [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
     echo "pip install (CUDA_HOME=${CUDA_HOME:-unset})"
-    (cd "$REPO" && TORCH_CUDA_ARCH_LIST=9.0 SELHN_CUDA=1 MAX_JOBS=$(nproc) timeout -k 5 \
-        $(($(stage_left) - 20)) "$PY" -m pip install --no-build-isolation --no-deps \
-        --no-index --disable-pip-version-check .)
+    # PIP_BREAK_SYSTEM_PACKAGES: the machine's python3 may be marked externally managed.
+    (cd "$REPO" && TORCH_CUDA_ARCH_LIST=9.0 SELHN_CUDA=1 MAX_JOBS=$(nproc) \
+        PIP_BREAK_SYSTEM_PACKAGES=1 timeout -k 5 "$(stage_left 20)" "$PY" -m pip install \
+        --no-build-isolation --no-deps --no-index --disable-pip-version-check .)
     local rc=$?
-    if [ $rc -eq 0 ] && backend_report 15 | tee /dev/stderr | grep -q "cuda      available"; then
+    if [ $rc -eq 0 ] && backend_report 15 | tee /dev/stderr | grep -Eq "^ +cuda +available"; then
         echo pip >"$OUT/build_mode"
         return 0
     fi
     echo "pip install failed or left the CUDA backend unavailable (exit $rc): JIT build"
     echo jit >"$OUT/build_mode"
     PYTHONPATH_FOR_RUNS=$REPO
-    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) pyrun $(($(stage_left) - 10)) \
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) pyrun "$(stage_left 10)" \
         "$REPO/bench/jit_build.py" --cuda
     backend_report 10
 }
@@ -191,7 +195,7 @@ stage_ncu() {
     for backend in cuda triton; do
         [ "$(stage_left)" -lt 20 ] && break
         echo "== ncu: $backend forward, B = 16384, D = 1024, bf16"
-        (cd "$OUT/run" && PYTHONPATH=$PYTHONPATH_FOR_RUNS timeout -k 5 $(($(stage_left) - 2)) \
+        (cd "$OUT/run" && PYTHONPATH=$PYTHONPATH_FOR_RUNS timeout -k 5 "$(stage_left 2)" \
             ncu --nvtx --nvtx-include "selhn_forward/" --set basic --launch-count 8 \
             "$PY" "$REPO/bench/ncu_forward.py" --backend "$backend" \
             >"$OUT/ncu_forward_$backend.txt" 2>&1)

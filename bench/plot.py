@@ -3,8 +3,8 @@
     python bench/plot.py bench/results/cpu.csv [--out bench/results]
 
 One figure per (device, dtype, D, gate mix) group with data: median time (top) and peak
-extra memory (bottom) against B, log-log, for each pass (columns), one line per backend
-(and option: ``/det`` deterministic, ``+stats`` with return_stats, ``/hardest`` mode).
+extra memory (bottom) against B, log-log, one column per pass with data, one line per
+backend and option (``/det`` deterministic, ``+stats`` with return_stats, ``/hardest``).
 ``torch_mm`` (one torch.mm of the same shape) is drawn dashed in every time panel: the
 floor. Only ``ok`` rows are drawn; the latest row of each measurement wins.
 """
@@ -52,6 +52,16 @@ def figure_groups(rows: list[dict[str, str]]) -> dict[tuple, list[dict[str, str]
     return groups
 
 
+def failures(rows: list[dict[str, str]]) -> dict[tuple, list[str]]:
+    """(device, dtype, D, gate mix) -> 'backend pass B=...: status' for oom/error rows."""
+    out: dict[tuple, list[str]] = defaultdict(list)
+    for row in latest(rows):
+        if row["status"] in ("oom", "error"):
+            key = (row["device"], row["dtype"], row["D"], row["gate_mix"])
+            out[key].append(f"{_line_label(row)} {row['pass']} B={row['B']}: {row['status']}")
+    return out
+
+
 def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -60,8 +70,8 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    failed = failures(rows)
     for (device, dtype, dim, mix), members in sorted(figure_groups(rows).items()):
-        fig, axes = plt.subplots(2, len(PASSES), figsize=(5 * len(PASSES), 8), squeeze=False)
         lines: dict[tuple[str, str], list[tuple[int, float, int]]] = defaultdict(list)
         floor: list[tuple[int, float, int]] = []
         for row in members:
@@ -71,17 +81,24 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
             else:
                 lines[(_line_label(row), row["pass"])].append(point)
         labels = sorted({label for label, _ in lines})
-        for column, pass_name in enumerate(PASSES):
+        passes = [p for p in PASSES if any(pass_name == p for _, pass_name in lines)]
+        width = max(7, 5 * len(passes))
+        fig, axes = plt.subplots(2, len(passes), figsize=(width, 8), squeeze=False)
+        # One colour per line across all panels of the figure.
+        palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+        colours = {label: palette(i) for i, label in enumerate(labels)}
+        for column, pass_name in enumerate(passes):
             time_ax, mem_ax = axes[0][column], axes[1][column]
             for label in labels:
                 points = sorted(lines.get((label, pass_name), []))
                 if not points:
                     continue
                 batch = [p[0] for p in points]
-                time_ax.plot(batch, [p[1] for p in points], marker="o", label=label)
-                memory = [(b, p[2]) for b, p in zip(batch, points, strict=False) if p[2] > 0]
+                style = {"marker": "o", "label": label, "color": colours[label]}
+                time_ax.plot(batch, [p[1] for p in points], **style)
+                memory = [(b, p[2]) for b, p in zip(batch, points, strict=True) if p[2] > 0]
                 if memory:
-                    mem_ax.plot(*zip(*memory, strict=False), marker="o", label=label)
+                    mem_ax.plot(*zip(*memory, strict=True), **style)
             if floor:
                 floor_points = sorted(floor)
                 time_ax.plot(
@@ -102,7 +119,10 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
                     ax.set_yscale("log")
                     ax.legend(fontsize=7)
         fig.suptitle(f"SelHN loss: {device}, {dtype}, D = {dim}, gate mix '{mix}'")
-        fig.tight_layout()
+        notes = failed.get((device, dtype, dim, mix), [])
+        if notes:  # what could not be drawn: out of memory or failed
+            fig.text(0.01, 0.005, "; ".join(notes), fontsize=8, color="firebrick")
+        fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
         path = out_dir / f"{_slug(device)}_{dtype}_D{dim}_{mix}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)

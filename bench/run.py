@@ -458,10 +458,9 @@ def plan_cpu_default(keops_max_b: int) -> list[Case]:
     # Other dims and bf16, smaller.
     plan += _cases(("cpu", "authors"), [2048], [256, 1024], ["fp32"], passes=fwd_bwd)
     plan += _cases(("cpu", "chunked", "authors"), [1024], [512], ["bf16"], passes=fwd_bwd)
+    plan += _cases(("cpu", "authors"), [1024], [512], ["fp16"], passes=fwd_bwd)
     # Headline 2: B = 32768, D = 256: the fused loss stays small, the authors' cannot fit.
-    plan += _cases(
-        ("cpu", "chunked", "authors"), [32768], [256], ["fp32"], gate_mix="none", passes=fwd_bwd
-    )
+    plan += _cases(("cpu", "authors"), [32768], [256], ["fp32"], gate_mix="none", passes=fwd_bwd)
     return plan
 
 
@@ -581,7 +580,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keops-max-b",
         type=int,
-        default=1024,
+        default=512,
         help="largest B for keops on CPU (it has no BLAS there)",
     )
     parser.add_argument("--exclude", default="", help="backends to leave out, comma list")
@@ -761,7 +760,7 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     settings = Settings(
         device=device,
-        min_time_s=args.min_time if args.min_time is not None else (0.3 if on_gpu else 1.0),
+        min_time_s=args.min_time if args.min_time is not None else (0.3 if on_gpu else 0.5),
         max_reps=args.max_reps,
         warmup=args.warmup if args.warmup is not None else (2 if on_gpu else 1),
         seed=args.seed,
