@@ -449,8 +449,12 @@ MEMORY_CHILD = textwrap.dedent(
         return img, txt, d, coef, gated
 
     def loss_pass(img, txt, d, coef, gated):
-        KERNELS.partials(img, txt, d, 0, None, None, 0.2)
-        KERNELS.dense_backward(img, txt, d, 0, None, None, 0.2, coef, coef, gated, gated)
+        outputs = [*KERNELS.partials(img, txt, d, 0, None, None, 0.2)[0]]
+        outputs += KERNELS.dense_backward(
+            img, txt, d, 0, None, None, 0.2, coef, coef, gated, gated
+        )
+        for out in outputs:  # zero-filled pages count once written
+            out.fill_(1)
 
     loss_pass(*run(130))  # warm up the interpreter's caches
     inputs = run(int(sys.argv[1]))
@@ -469,7 +473,13 @@ def test_extra_memory_grows_linearly():
     runs on CPU tensors whether or not this machine has a GPU)."""
     require_backend("triton", DEVICE, torch.bfloat16)
     # One BLAS thread: the interpreter's many small products crawl when threads contend.
-    env = dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1")
+    # Large blocks straight from mmap: freed temporaries then cannot hide new allocations.
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OPENBLAS_NUM_THREADS="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = {}
     for batch in (2048, 4096):
