@@ -8,6 +8,7 @@ it from there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,12 +32,15 @@ def _jit_dir() -> Path:
 
 def _load_library() -> tuple[Path | None, str | None]:
     """Load the compiled ops once: (the library's path, None) or (None, why not)."""
-    try:
-        from . import _C
+    if importlib.util.find_spec(__package__ + "._C") is None:
+        installed_error = "selhn_ext._C is not part of this install"
+    else:
+        try:
+            from . import _C
 
-        return Path(_C.__file__), None
-    except ImportError as error:
-        installed_error = f"selhn_ext._C could not be imported ({error})"
+            return Path(_C.__file__), None
+        except ImportError as error:
+            installed_error = f"selhn_ext._C could not be imported ({error})"
     built = _jit_dir() / f"{_JIT_NAME}.so"
     if built.exists():
         try:
