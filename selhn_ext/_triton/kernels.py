@@ -220,6 +220,8 @@ def partials_kernel(
             if DETERMINISTIC:
                 old = tl.load(col_slot + col_glob, mask=col_ok, other=0.0)
                 tl.store(col_slot + col_glob, old + sum_c, mask=col_ok)
+                # The next row block may read these sums from other threads of the block.
+                tl.debug_barrier()
             else:
                 tl.atomic_add(col_sum_ptr + col_glob, sum_c, mask=col_ok, sem="relaxed")
 
@@ -263,7 +265,10 @@ def _accumulate(ptr, value, mask, ATOMIC: tl.constexpr):
     if ATOMIC:
         tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
     else:
+        # The program owns these rows; the barrier orders this store before the next
+        # tile's load of the same rows, which may happen on other threads of the block.
         tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+        tl.debug_barrier()
 
 
 @triton.jit
