@@ -48,7 +48,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -532,6 +532,8 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     step_in_epoch: int = 0  # batches of the current epoch already trained on
+    # Sums over the current epoch's steps: loss, gated r/c, near-tie r/c (epoch means).
+    epoch_totals: list[float] = field(default_factory=lambda: [0.0] * 5)
     best_rsum: float = -math.inf
     best_epoch: int = 0
 
@@ -649,7 +651,7 @@ def train(
             "scheduler": scheduler.state_dict(),
             "loader_generator": loader_generator.get_state(),
             "rng": rng_states(device),
-            "progress": vars(progress).copy(),
+            "progress": {**vars(progress), "epoch_totals": list(progress.epoch_totals)},
             "vocab": vocab.to_dict() if vocab is not None else None,
             "feature_dim": feature_dim,
         }
@@ -667,8 +669,6 @@ def train(
             loader_generator.manual_seed(epoch_seed(config.seed, epoch, "loader"))
             dataset.set_epoch(epoch)  # augmentation draws from (seed, epoch, item)
             epoch_start = time.perf_counter()
-            totals = np.zeros(5)  # loss, gated r/c, near-tie r/c summed over the epoch's steps
-            epoch_steps = 0
             set_training_mode(model, config)
             batches = iter(loader)
             bar = _progress_bar(config, is_main, len(sampler), progress.step_in_epoch, epoch + 1)
@@ -690,13 +690,15 @@ def train(
                 optimizer.step()
                 progress.step += 1
                 progress.step_in_epoch += 1
-                epoch_steps += 1
                 # The one host sync of the step: everything logged, in one transfer.
                 values = torch.stack([
                     loss.float(), *stats.gated_fraction.float(),
                     *stats.near_tie.float().mean(dim=1), norm_image.float(), norm_text.float(),
                 ]).tolist()  # fmt: skip
-                totals += values[:5]
+                progress.epoch_totals = [
+                    total + value
+                    for total, value in zip(progress.epoch_totals, values[:5], strict=True)
+                ]
                 if is_main:
                     row = dict(zip(STEP_COLUMNS[3:], [values[0], lr, *values[1:]], strict=True))
                     row.update(step=progress.step, epoch=epoch + 1, mode=mode)
@@ -724,8 +726,9 @@ def train(
 
             scheduler.step()
             progress.epoch = epoch + 1
+            means = [total / max(progress.step_in_epoch, 1) for total in progress.epoch_totals]
             progress.step_in_epoch = 0
-            means = totals / max(epoch_steps, 1)
+            progress.epoch_totals = [0.0] * 5
             if is_main:
                 model.eval()
                 with torch.no_grad():
@@ -770,6 +773,8 @@ def train(
     if is_main:
         if progress.best_epoch:
             print(f"best dev rsum {progress.best_rsum:.2f} at epoch {progress.best_epoch}")
+        else:
+            print(f"stopped after {progress.step} steps (max_steps), before any dev evaluation")
         curves = plot_curves(out_dir)
     if dist_info.owns_group:
         import torch.distributed as dist
