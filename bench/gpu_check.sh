@@ -64,6 +64,11 @@ selected() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # fall back to a JIT build: then the source tree is on PYTHONPATH.
 PYTHONPATH_FOR_RUNS=""
 [ -f "$OUT/build_mode" ] && [ "$(cat "$OUT/build_mode")" = jit ] && PYTHONPATH_FOR_RUNS=$REPO
+if ! selected 1 && [ ! -f "$OUT/build_mode" ] &&
+    ! (cd "$OUT/run" && timeout 30 "$PY" -c "import selhn_ext" 2>/dev/null); then
+    # A rerun without stage 1 after a JIT build: the package lives in the source tree only.
+    PYTHONPATH_FOR_RUNS=$REPO
+fi
 pyrun() {  # pyrun SECONDS args...: python3 from the neutral folder, bounded in time
     local seconds=$1; shift
     (cd "$OUT/run" && PYTHONPATH=$PYTHONPATH_FOR_RUNS timeout -k 5 "$seconds" "$PY" "$@")
@@ -133,7 +138,7 @@ stage_build() {
     echo "pip install (CUDA_HOME=${CUDA_HOME:-unset})"
     # PIP_BREAK_SYSTEM_PACKAGES: the machine's python3 may be marked externally managed.
     (cd "$REPO" && TORCH_CUDA_ARCH_LIST=9.0 SELHN_CUDA=1 MAX_JOBS=$(nproc) \
-        PIP_BREAK_SYSTEM_PACKAGES=1 timeout -k 5 "$(stage_left 20)" "$PY" -m pip install \
+        PIP_BREAK_SYSTEM_PACKAGES=1 timeout -k 5 "$(stage_left 5)" "$PY" -m pip install \
         --no-build-isolation --no-deps --no-index --disable-pip-version-check .)
     local rc=$?
     if [ $rc -eq 0 ] && backend_report 15 | tee /dev/stderr | grep -Eq "^ +cuda +available"; then
@@ -160,6 +165,8 @@ stage_tests() {
 bench() {  # bench PROGRESS_NAME args...: bench/run.py, rerun without a backend that kills the GPU context
     local name=$1; shift
     local excluded="" attempt rc
+    # The progress file only serves the reruns below; a new invocation measures afresh.
+    rm -f "$OUT/$name.progress" "$OUT/$name.fatal"
     local common=(--csv "$CSV" --log "$OUT/bench.log" --progress "$OUT/$name.progress"
                   --fatal-file "$OUT/$name.fatal" --device "$DEVICE")
     if [ "$DRY_RUN" = 1 ]; then
