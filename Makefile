@@ -13,7 +13,7 @@ demo: setup
 
 # Lint, format check and the whole test suite (Triton kernels run in its interpreter).
 test: setup lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 lint:
 	$(VENV)/bin/ruff check .
