@@ -495,10 +495,15 @@ def make_loss_fn(config: TrainConfig, mode: str, distributed: bool) -> LossFn:
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
+    """Move a batch to ``device``, except length vectors: the encoders need them on the host
+    (packed sequences, slicing), and keeping them there saves a device sync per forward."""
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {
+            key: item if key.endswith("lengths") else _to_device(item, device)
+            for key, item in value.items()
+        }
     return value
 
 
@@ -563,6 +568,12 @@ def train(
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:
         _check_resume_config(config, checkpoint, resume)
+        if checkpoint["world_size"] != dist_info.world_size:
+            raise ValueError(
+                f"cannot resume from {resume}: it was written by a run of "
+                f"{checkpoint['world_size']} processes, this one has {dist_info.world_size} "
+                "(batch_size is per process, so the batches would differ)"
+            )
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.json")
@@ -586,7 +597,11 @@ def train(
     encoder: nn.Module = model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
-        encoder = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # A fine-tuned transformer has layers the embeddings do not use (BERT's pooler).
+        unused = config.text_encoder == "minilm" and config.minilm_finetune
+        encoder = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=unused
+        )
 
     optimizer = torch.optim.AdamW(
         model.parameter_groups(config.lr, config.minilm_lr_scale),
@@ -654,6 +669,7 @@ def train(
             "progress": {**vars(progress), "epoch_totals": list(progress.epoch_totals)},
             "vocab": vocab.to_dict() if vocab is not None else None,
             "feature_dim": feature_dim,
+            "world_size": dist_info.world_size,
         }
 
     last_metrics: dict[str, float] = {}
@@ -885,7 +901,7 @@ _RESUME_MUST_MATCH = (
     "embed_dim", "text_encoder", "word_dim", "minilm_finetune", "minilm_lr_scale",
     "gpo_pe_dim", "gpo_hidden", "freeze_batchnorm", "augment", "region_dropout",
     "token_select_prob", "token_mask_prob", "token_replace_prob", "token_delete_prob", "seed",
-    "captions_per_image",
+    "captions_per_image", "chunk_size",
 )  # fmt: skip
 
 

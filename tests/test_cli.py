@@ -38,7 +38,7 @@ def emoji48(tmp_path_factory) -> Path:
 def small_config_file(tmp_path) -> Path:
     config = TrainConfig(
         epochs=5, batch_size=16, embed_dim=128, word_dim=64, gpo_pe_dim=16, gpo_hidden=16,
-        eval_batch_size=64, tensorboard=False, loss_mode="all",
+        eval_batch_size=64, tensorboard=False, loss_mode="all", device="cpu",
     )  # fmt: skip
     path = tmp_path / "small.json"
     path.write_text(config.to_json())

@@ -48,7 +48,7 @@ def small_config(**changes) -> TrainConfig:
     """A model small enough for a few seconds of CPU training; the recipe otherwise."""
     base = TrainConfig(
         epochs=2, batch_size=16, embed_dim=128, word_dim=64, gpo_pe_dim=16, gpo_hidden=16,
-        eval_batch_size=64, progress=False, tensorboard=False,
+        eval_batch_size=64, progress=False, tensorboard=False, device="cpu",
     )  # fmt: skip
     return base.replace(**changes)
 
@@ -495,3 +495,18 @@ def test_presets_load_and_name_their_reference_numbers():
     with pytest.raises(ConfigError, match="no preset named"):
         preset_path("imagenet")
     assert math.isfinite(demo.lr)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_runs_and_its_checkpoint_loads_on_cpu(emoji48, tmp_path):
+    config = small_config(epochs=2, device="cuda", dev_split="train", chunk_size=8)
+    result = train(config, emoji48, tmp_path)
+    assert result["epochs_completed"] == 2
+    losses = [float(row["loss"]) for row in read_csv(tmp_path / "steps.csv")]
+    assert all(math.isfinite(loss) for loss in losses) and len(losses) == 10
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "last.pt"), "cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    resumed = train(config.replace(max_steps=7), emoji48, tmp_path / "split")
+    assert resumed["steps"] == 7
+    final = train(config, emoji48, tmp_path / "split", resume=tmp_path / "split" / "last.pt")
+    assert final["steps"] == 10
