@@ -63,6 +63,22 @@ def tile_counter():
         triton_mod.testing.tile_counter = None
 
 
+@contextlib.contextmanager
+def backward_path(path, panel_size=None):
+    """Select the dense backward ("tiles" or "panel") and, for "panel", optionally P."""
+    triton_mod = _kernels()
+    triton_mod.testing.backward = path
+    triton_mod.testing.panel_size = panel_size
+    try:
+        yield
+    finally:
+        triton_mod.testing.backward = None
+        triton_mod.testing.panel_size = None
+
+
+PATHS = ("tiles", "panel")
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
@@ -206,14 +222,16 @@ def _case_id(case):
         f"{layout}{'-det' if det else ''}"  # fmt: skip
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_matches_reference(case):
+def test_matches_reference(case, path):
     mode, reduction, batch, dim, dtype, with_ids, kind, layout, deterministic = case
     require_backend("triton", DEVICE, dtype)
     seed = batch * 1000 + dim
     img, txt = make_batch(batch, dim, dtype, kind, seed, layout)
     ids = make_ids(batch, seed) if with_ids else None
-    stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
+    with backward_path(path):
+        stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
     if mode == "selhn" and kind == "collapsed" and not with_ids:
         assert stats.gated.all()  # the batch does exercise the dense path
     if mode == "selhn" and kind == "spread" and dim >= 96:
@@ -302,8 +320,9 @@ def test_nan_propagates_to_max_index_and_sums():
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda t: str(t).removeprefix("torch."))
-def test_backward_recomputes_the_forward_active_set(dtype):
+def test_backward_recomputes_the_forward_active_set(dtype, path):
     """With coefficient 1 and a constant-1 embedding column, the recomputed activity of
     each gated anchor sums to exactly the forward's active count."""
     triton_mod = _kernels()
@@ -317,19 +336,23 @@ def test_backward_recomputes_the_forward_active_set(dtype):
     ones = torch.ones(200, device=DEVICE)
     yes = torch.ones(200, dtype=torch.bool, device=DEVICE)
     no = torch.zeros_like(yes)
-    grad_rows, _ = triton_mod.KERNELS.dense_backward(
-        rows, cols, d, 0, None, None, MARGIN, ones, ones, yes, no
-    )
+    # P = 128: the panel path spans two panels on each side.
+    with backward_path(path, panel_size=128 if path == "panel" else None):
+        grad_rows, _ = triton_mod.KERNELS.dense_backward(
+            rows, cols, d, 0, None, None, MARGIN, ones, ones, yes, no
+        )
+        _, grad_cols = triton_mod.KERNELS.dense_backward(
+            rows, cols, d, 0, None, None, MARGIN, ones, ones, no, yes
+        )
     assert torch.equal(grad_rows[:, 0], row.active.float())
-    _, grad_cols = triton_mod.KERNELS.dense_backward(
-        rows, cols, d, 0, None, None, MARGIN, ones, ones, no, yes
-    )
     assert torch.equal(grad_cols[:, 1], col.active.float())
     assert row.active.min() < row.active.max()  # not a trivial all-or-nothing set
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_recomputed_tile_count(deterministic):
+@pytest.mark.parametrize(
+    ("path", "deterministic"), [("tiles", False), ("tiles", True), ("panel", False)]
+)
+def test_recomputed_tile_count(path, deterministic):
     triton_mod = _kernels()
     dtype = torch.float32
     cfg = triton_mod.CONFIGS[dtype]
@@ -337,7 +360,7 @@ def test_recomputed_tile_count(deterministic):
 
     def run(kind, mode):
         img, txt = make_batch(batch, 96, dtype, kind, 21)
-        with tile_counter() as counter:
+        with tile_counter() as counter, backward_path(path):
             loss, stats = selhn_ext.selhn_loss(
                 img, txt, mode=mode, backend="triton", deterministic=deterministic,
                 return_stats=True,
@@ -357,8 +380,11 @@ def test_recomputed_tile_count(deterministic):
     bound = math.ceil(g_rows / cfg.BM) * math.ceil(batch / cfg.BN) + math.ceil(
         g_cols / cfg.BN
     ) * math.ceil(batch / cfg.BM)
-    # The deterministic backward recomputes each gated tile twice (one pass per gradient).
+    # The deterministic tiles backward recomputes each gated tile twice (one pass per
+    # gradient); the panel backward once per side, in its activity kernel.
     assert 0 < count <= bound * (2 if deterministic else 1)
+    if path == "panel":  # every gated block against every block of the other side
+        assert count == bound
 
 
 def _outputs(img, txt, deterministic):
@@ -387,6 +413,127 @@ def test_deterministic_mode_is_order_free_and_atomics_are_not():
             assert not all(same)
         for a, b in zip(forward_order, reverse_order, strict=False):  # different bits, same values
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_panel_backward_is_order_free_across_panels():
+    """The panel backward has no float atomics: reversing the program order changes no
+    bit of the gradients even with deterministic=False, here with P = 128 so that 300
+    gated anchors per side accumulate over three panels. Its values match the tiles
+    backward's."""
+    _kernels()
+    img, txt = make_batch(300, 16, torch.float32, "half", 9)
+    with backward_path("panel", panel_size=128):
+        forward_order = _outputs(img, txt, False)
+        with reversed_blocks():
+            reverse_order = _outputs(img, txt, False)
+    # The gradients: bitwise. The loss comes from the forward, whose float atomics
+    # (deterministic=False) may sum the hinges in another order.
+    assert torch.equal(forward_order[1], reverse_order[1])
+    assert torch.equal(forward_order[2], reverse_order[2])
+    torch.testing.assert_close(forward_order[0], reverse_order[0], rtol=1e-5, atol=1e-6)
+    with backward_path("tiles"):
+        tiles = _outputs(img, txt, True)
+    for a, b in zip(forward_order, tiles, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert forward_order[1].abs().max() > 0  # a real gradient was compared
+
+
+# Several panels per side (P = 128 < gated anchors): the sums over panels of the other
+# side's gradient, and gated indices split across panel boundaries.
+PANEL_CASES = [
+    ("selhn", "none", 300, 96, BF16, True, "half", "contiguous", False),
+    ("all", "mean", 300, 16, F32, False, "collapsed", "strided", False),
+    ("sum_hinges", "sum", 129, 200, F16, True, "half", "colmajor", False),
+]
+
+
+@pytest.mark.parametrize("case", PANEL_CASES, ids=[_case_id(c) for c in PANEL_CASES])
+def test_panel_backward_across_panels_matches_reference(case):
+    mode, reduction, batch, dim, dtype, with_ids, kind, layout, deterministic = case
+    require_backend("triton", DEVICE, dtype)
+    seed = batch * 1000 + dim + 1
+    img, txt = make_batch(batch, dim, dtype, kind, seed, layout)
+    ids = make_ids(batch, seed) if with_ids else None
+    with backward_path("panel", panel_size=128):
+        stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
+    assert (stats.gated.sum(dim=1) > 128).all()  # more gated anchors than one panel
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda t: str(t).removeprefix("torch."))
+def test_dense_backward_with_row_offset(dtype, path):
+    """The distributed form of dense_backward: b < N rows at row_offset, with ids, random
+    signed coefficients, half the anchors of each side gated. Entries on a grid of 1/8
+    and a dyadic margin make every score and hinge argument exact in every dtype and
+    summation order, so the active set is the fp64 one and only the products round."""
+    triton_mod = _kernels()
+    require_backend("triton", DEVICE, dtype)
+    gen = torch.Generator().manual_seed(17)
+    batch, dim, offset, b = 300, 40, 70, 160
+    cols = (torch.randint(-2, 3, (batch, dim), generator=gen) / 8).to(dtype)
+    rows = cols[offset : offset + b] + (torch.randint(-1, 2, (b, dim), generator=gen) / 8).to(dtype)
+    ids = make_ids(batch, 17)
+    row_coef = torch.randn(b, generator=gen)
+    col_coef = torch.randn(batch, generator=gen)
+    row_gated = torch.rand(b, generator=gen) < 0.5
+    col_gated = torch.rand(batch, generator=gen) < 0.5
+    margin = 0.25
+    d = positive_scores(rows.double(), cols[offset : offset + b].double())
+    col_pos = positive_scores(cols.double(), cols.double())
+    col_pos[offset : offset + b] = d
+    want = ChunkedKernels().dense_backward(
+        rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
+        ids.cpu(), margin, row_coef.double(), col_coef.double(), row_gated, col_gated,
+    )  # fmt: skip
+    args = [t.to(DEVICE) for t in (rows, cols, col_pos.float())]
+    with backward_path(path, panel_size=128 if path == "panel" else None):
+        got = triton_mod.KERNELS.dense_backward(
+            *args, offset, ids[offset : offset + b], ids, margin,
+            *(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated)),
+        )  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        scale = w.abs().max().item()
+        assert scale > 0
+        torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=GRAD_TOL[dtype] * scale)
+
+
+def test_backward_path_switches():
+    triton_mod = _kernels()
+    launch = triton_mod.launch
+    assert launch.BACKWARD_PATH == os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
+    with backward_path("panel"):
+        assert launch.backward_path() == "panel"
+    img, txt = make_batch(20, 16, torch.float32, "collapsed", 2)
+    d = positive_scores(img.detach(), txt.detach())
+    coef = torch.ones(20, device=DEVICE)
+    gated = torch.ones(20, dtype=torch.bool, device=DEVICE)
+    args = (img.detach(), txt.detach(), d, 0, None, None, MARGIN, coef, coef, gated, gated)
+    with backward_path("neither"), pytest.raises(ValueError, match="backward path"):
+        triton_mod.KERNELS.dense_backward(*args)
+    with backward_path("panel", panel_size=100), pytest.raises(ValueError, match="multiple"):
+        triton_mod.KERNELS.dense_backward(*args)
+    # P follows D within its bounds, and never exceeds the anchors there are.
+    assert launch.panel_size(1024, 16384) == 1024
+    assert launch.panel_size(16, 16384) == launch.PANEL_MIN
+    assert launch.panel_size(8192, 16384) == launch.PANEL_MAX
+    assert launch.panel_size(1024, 300) == 384
+
+
+def test_backward_path_comes_from_the_environment():
+    """SELHN_TRITON_BACKWARD is read once at import; an unknown value is refused there."""
+    _kernels()
+    code = "from selhn_ext._triton import launch; print(launch.backward_path())"
+    outputs = {}
+    for value in ("panel", "bogus"):
+        env = dict(os.environ, SELHN_TRITON_BACKWARD=value)
+        outputs[value] = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+    assert outputs["panel"].returncode == 0, outputs["panel"].stderr[-2000:]
+    assert outputs["panel"].stdout.split()[-1] == "panel"
+    assert outputs["bogus"].returncode != 0
+    assert "SELHN_TRITON_BACKWARD" in outputs["bogus"].stderr
 
 
 def test_opcheck():
@@ -468,9 +615,11 @@ MEMORY_CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_extra_memory_grows_linearly():
+@pytest.mark.parametrize("path", PATHS)
+def test_extra_memory_grows_linearly(path):
     """Host RSS of forward + backward in the interpreter (a child process per size; it
-    runs on CPU tensors whether or not this machine has a GPU)."""
+    runs on CPU tensors whether or not this machine has a GPU), for each backward path
+    (chosen in the child through SELHN_TRITON_BACKWARD)."""
     require_backend("triton", DEVICE, torch.bfloat16)
     # One BLAS thread: the interpreter's many small products crawl when threads contend.
     # Large blocks straight from mmap: freed temporaries then cannot hide new allocations.
@@ -479,6 +628,7 @@ def test_extra_memory_grows_linearly():
         TRITON_INTERPRET="1",
         OPENBLAS_NUM_THREADS="1",
         MALLOC_MMAP_THRESHOLD_="65536",
+        SELHN_TRITON_BACKWARD=path,
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = {}

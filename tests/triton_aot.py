@@ -32,14 +32,15 @@ from selhn_ext._triton.launch import (  # noqa: E402
     BACKWARD_PASSES,
     COMPACT_BLOCK,
     CONFIGS,
+    PANEL_GEMM_CONFIGS,
     precision,
 )
 
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 # Arguments that are 1 for contiguous inputs: triton turns such values into constants.
-UNIT_STRIDES = ("stride_rk", "stride_ck")
+UNIT_STRIDES = ("stride_rk", "stride_ck", "stride_xk")
 # Integer arguments that are multiples of 16 in the usual aligned call (D = 1024, ...).
-ALIGNED_INTS = ("D", "stride_rm", "stride_cn")
+ALIGNED_INTS = ("D", "stride_rm", "stride_cn", "stride_xn")
 
 
 def _source(fn, types: dict[str, str], constexprs: dict[str, object]) -> ASTSource:
@@ -126,6 +127,33 @@ def specializations(quick: bool = False):
                     )
                     yield label, fn, _types(fn, pointers, ("margin",)), constexprs, \
                         cfg.num_warps, cfg.num_stages  # fmt: skip
+
+        # The panel backward (SELHN_TRITON_BACKWARD=panel): activity per side, two GEMMs.
+        fn = kernels.panel_activity_kernel
+        pointers = {
+            "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
+            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "gated_index_ptr": "*i32",
+            "gated_count_ptr": "*i32", "act_ptr": data, "tile_counter_ptr": "*i32",
+        }  # fmt: skip
+        for gated_is_row, has_ids in product((True, False), repeat=2):
+            label = f"panel_activity {dtype} {prec} ids={has_ids} gated_is_row={gated_is_row}"
+            constexprs = dict(
+                blocks, GATED_IS_ROW=gated_is_row, HAS_IDS=has_ids, COUNT_TILES=False,
+                REVERSE=False,
+            )  # fmt: skip
+            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
+                cfg.num_stages  # fmt: skip
+        gemm = PANEL_GEMM_CONFIGS[dtype]
+        gemm_blocks = dict(GM=gemm.GM, GD=gemm.GD, GK=gemm.GK, PRECISION=prec, UPCAST=False)
+        for fn, operand in ((kernels.panel_gated_grad_kernel, "other_ptr"),
+                            (kernels.panel_other_grad_kernel, "gated_ptr")):  # fmt: skip
+            pointers = {
+                "act_ptr": data, operand: data, "coef_ptr": "*fp32",
+                "gated_index_ptr": "*i32", "gated_count_ptr": "*i32", "grad_ptr": "*fp32",
+            }  # fmt: skip
+            label = f"{fn.__name__} {dtype} {prec}"
+            yield label, fn, _types(fn, pointers, ()), dict(gemm_blocks, REVERSE=False), \
+                gemm.num_warps, gemm.num_stages  # fmt: skip
 
     fn = kernels.compact_kernel
     pointers = {"flag_ptr": "*i8", "index_ptr": "*i32", "count_ptr": "*i32"}

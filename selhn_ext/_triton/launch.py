@@ -22,6 +22,16 @@ NO_KEY = -(2**63)
 # Read once, like dispatch.py: the interpreter is chosen before triton is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
+# The dense backward: "tiles" (each recomputed tile adds its products into the gradients;
+# float atomics unless deterministic) or "panel" (panels of gated anchors, tensor-core
+# GEMMs with owned output tiles, no float atomics: deterministic by construction).
+BACKWARD_PATHS = ("tiles", "panel")
+BACKWARD_PATH = os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
+if BACKWARD_PATH not in BACKWARD_PATHS:
+    raise ValueError(
+        f"SELHN_TRITON_BACKWARD must be one of {', '.join(BACKWARD_PATHS)}, got {BACKWARD_PATH!r}"
+    )
+
 
 @dataclass(frozen=True)
 class BlockConfig:
@@ -42,6 +52,28 @@ CONFIGS: dict[torch.dtype, BlockConfig] = {
     torch.float16: BlockConfig(BM=128, BN=128, BK=64, BD=64, num_warps=8, num_stages=3),
     torch.float32: BlockConfig(BM=64, BN=64, BK=32, BD=64, num_warps=4, num_stages=3),
 }
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of the panel backward's gradient GEMMs (output GM x GD, K step GK)."""
+
+    GM: int
+    GD: int
+    GK: int
+    num_warps: int
+    num_stages: int
+
+
+PANEL_GEMM_CONFIGS: dict[torch.dtype, GemmConfig] = {
+    torch.bfloat16: GemmConfig(GM=128, GD=128, GK=64, num_warps=8, num_stages=3),
+    torch.float16: GemmConfig(GM=128, GD=128, GK=64, num_warps=8, num_stages=3),
+    torch.float32: GemmConfig(GM=64, GD=64, GK=32, num_warps=4, num_stages=3),
+}
+# Panel sizes are multiples of this (a multiple of every BM, BN and GM above), so panel
+# boundaries fall on block boundaries of the compacted list.
+PANEL_UNIT = 128
+PANEL_MIN, PANEL_MAX = 256, 2048
 
 # Column splits of the forward / inner splits of the backward: enough programs to fill
 # the GPU (a multiple of its SM count); on CPU (the interpreter) a few, so that merging
@@ -88,10 +120,15 @@ class TestingSwitches:
     ``reverse_block_order``: every kernel visits its program ids in reverse order.
     ``tile_counter``: a (1,) int32 device tensor the backward kernels increment once per
     recomputed S tile.
+    ``backward``: "tiles" or "panel" overrides SELHN_TRITON_BACKWARD (None: use it).
+    ``panel_size``: the panel backward's P (a positive multiple of PANEL_UNIT), so that
+    small batches span several panels (None: ``panel_size()``).
     """
 
     reverse_block_order: bool = False
     tile_counter: Tensor | None = None
+    backward: str | None = None
+    panel_size: int | None = None
 
 
 testing = TestingSwitches()
@@ -111,6 +148,26 @@ def _config(dtype: torch.dtype) -> BlockConfig:
     if dtype not in CONFIGS:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
     return CONFIGS[dtype]
+
+
+def backward_path() -> str:
+    """The dense backward in use: the test switch if set, else SELHN_TRITON_BACKWARD."""
+    path = testing.backward if testing.backward is not None else BACKWARD_PATH
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {path!r}")
+    return path
+
+
+def panel_size(dim: int, n_anchors: int) -> int:
+    """P, the gated anchors per panel: about D (so the P x N activity buffer is O(N * D)),
+    between PANEL_MIN and PANEL_MAX, and no more than the anchors there are."""
+    if testing.panel_size is not None:
+        size = testing.panel_size
+        if size <= 0 or size % PANEL_UNIT:
+            raise ValueError(f"panel_size must be a positive multiple of {PANEL_UNIT}, got {size}")
+        return size
+    size = min(max(triton.cdiv(dim, PANEL_UNIT) * PANEL_UNIT, PANEL_MIN), PANEL_MAX)
+    return min(size, triton.cdiv(n_anchors, PANEL_UNIT) * PANEL_UNIT)
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -298,9 +355,97 @@ class TritonKernels:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
 
+        if backward_path() == "panel":
+            _panel_backward(
+                rows, cols, col_pos, row_offset, row_ids_t, col_ids_t, has_ids, margin,
+                (row_coef, row_index, row_count, grad_rows),
+                (col_coef, col_index, col_count, grad_cols),
+                precision(rows.dtype, allow_tf32),
+            )  # fmt: skip
+            return grad_rows, grad_cols
         for backward_pass in BACKWARD_PASSES[bool(deterministic)]:
             launch(*backward_pass)
         return grad_rows, grad_cols
+
+
+def _panel_backward(
+    rows: Tensor,
+    cols: Tensor,
+    col_pos: Tensor,
+    row_offset: int,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    has_ids: bool,
+    margin: float,
+    row_side: tuple[Tensor, Tensor, Tensor, Tensor],
+    col_side: tuple[Tensor, Tensor, Tensor, Tensor],
+    prec: str,
+) -> None:
+    """The panel dense backward (see kernels.py), adding into the two gradients in place.
+
+    ``row_side`` / ``col_side``: (coefficients, compacted gated indices, their (1,)
+    count, that side's gradient). Rows first, then columns; on each side a host loop over
+    the worst-case number of panels, whose kernels read the device-side count and exit
+    early past it. Every launch owns its output tiles and launches run in order, so the
+    sums are the same on every run, whatever the deterministic flag.
+    """
+    cfg, gemm = _config(rows.dtype), PANEL_GEMM_CONFIGS[rows.dtype]
+    b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
+    upcast = _upcast(rows.dtype)
+    size = panel_size(dim, max(b, n_cols))
+    # One activity buffer, reused by every panel of both sides. Under the interpreter
+    # bfloat16 products go through fp32 (see kernels._mma), so the buffer is fp32 there.
+    act = torch.empty(
+        size * max(b, n_cols),
+        dtype=torch.float32 if upcast else rows.dtype,
+        device=rows.device,
+    )
+    counter = testing.tile_counter
+    reverse = testing.reverse_block_order
+    d_blocks = triton.cdiv(dim, gemm.GD)
+    for gated_is_row in (True, False):
+        if gated_is_row:
+            gated, other, n_gated, n_other = rows, cols, b, n_cols
+            (coef, index, count, grad_gated), grad_other = row_side, col_side[3]
+            gated_block, other_block = cfg.BM, cfg.BN
+        else:
+            gated, other, n_gated, n_other = cols, rows, n_cols, b
+            (coef, index, count, grad_gated), grad_other = col_side, row_side[3]
+            gated_block, other_block = cfg.BN, cfg.BM
+        activity_grid = (size // gated_block, triton.cdiv(n_other, other_block))
+        gated_grid = (triton.cdiv(size, gemm.GM), d_blocks)
+        other_grid = (triton.cdiv(n_other, gemm.GM), d_blocks)
+        for start in range(0, n_gated, size):
+            kernels.panel_activity_kernel[activity_grid](
+                rows, cols, col_pos, row_ids, col_ids, index, count, act,
+                counter if counter is not None else count,
+                b, n_cols, dim, row_offset,
+                rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+                float(margin), start,
+                GATED_IS_ROW=gated_is_row,
+                HAS_IDS=has_ids,
+                COUNT_TILES=counter is not None,
+                REVERSE=reverse,
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+                PRECISION=prec, UPCAST=upcast,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            kernels.panel_gated_grad_kernel[gated_grid](
+                act, other, coef, index, count, grad_gated,
+                n_other, dim, other.stride(0), other.stride(1), start,
+                REVERSE=reverse,
+                GM=gemm.GM, GD=gemm.GD, GK=gemm.GK,
+                PRECISION=prec, UPCAST=upcast,
+                num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+            )  # fmt: skip
+            kernels.panel_other_grad_kernel[other_grid](
+                act, gated, coef, index, count, grad_other,
+                n_other, dim, gated.stride(0), gated.stride(1), start, size,
+                REVERSE=reverse,
+                GM=gemm.GM, GD=gemm.GD, GK=gemm.GK,
+                PRECISION=prec, UPCAST=upcast,
+                num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+            )  # fmt: skip
 
 
 def compact(flags: Tensor) -> tuple[Tensor, Tensor]:
