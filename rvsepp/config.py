@@ -36,7 +36,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.01
     epochs: int = 30
-    lr_decay_epoch: int = 15  # the first 15 epochs run at ``lr``, the rest at lr * factor
+    lr_decay_epoch: int = 15  # epochs at ``lr`` before lr * factor (0: never decay)
     lr_decay_factor: float = 0.1
     grad_clip: float = 2.0  # max global gradient norm; 0 disables clipping
     batch_size: int = 128  # pairs per optimizer step per process

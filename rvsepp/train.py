@@ -568,10 +568,10 @@ def train(
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:
         _check_resume_config(config, checkpoint, resume)
-        if checkpoint["world_size"] != dist_info.world_size:
+        if checkpoint.get("world_size", 1) != dist_info.world_size:
             raise ValueError(
                 f"cannot resume from {resume}: it was written by a run of "
-                f"{checkpoint['world_size']} processes, this one has {dist_info.world_size} "
+                f"{checkpoint.get('world_size', 1)} processes, this one has {dist_info.world_size} "
                 "(batch_size is per process, so the batches would differ)"
             )
     if is_main:

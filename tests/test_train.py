@@ -296,6 +296,15 @@ def test_resume_continues_bit_identically(emoji48, tmp_path):
     assert resumed["best_rsum"] == whole["best_rsum"]
 
 
+def test_loader_workers_do_not_change_the_run(emoji48, tmp_path):
+    """Augmentation draws from (seed, epoch, caption), so worker processes see the same
+    augmented batches as the main process."""
+    config = small_config(epochs=1, max_steps=3)
+    train(config.replace(num_workers=2), emoji48, tmp_path / "workers")
+    train(config, emoji48, tmp_path / "main")
+    assert read_csv(tmp_path / "workers" / "steps.csv") == read_csv(tmp_path / "main" / "steps.csv")
+
+
 def test_resume_rejects_a_different_recipe(emoji48, tmp_path):
     config = small_config(epochs=1, max_steps=1)
     train(config, emoji48, tmp_path)
