@@ -21,3 +21,4 @@ lint:
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/plot.py
