@@ -498,6 +498,32 @@ def test_dense_backward_with_row_offset(dtype, path):
         torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=GRAD_TOL[dtype] * scale)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_dense_backward_propagates_nan(path):
+    """A NaN entry in one column reaches the gradient entries that the reference's
+    W @ cols and W.T @ rows reach (0 * NaN included), gated or not, with no host check."""
+    triton_mod = _kernels()
+    gen = torch.Generator().manual_seed(3)
+    rows = _unit(torch.randn(200, 24, generator=gen))
+    cols = rows + 0.1 * torch.randn(200, 24, generator=gen)
+    cols[5, 3] = float("nan")
+    d = positive_scores(rows, cols)
+    coef = torch.randn(200, generator=gen)
+    row_gated = torch.rand(200, generator=gen) < 0.5
+    for nan_column_gated in (True, False):
+        col_gated = torch.rand(200, generator=gen) < 0.5
+        col_gated[5] = nan_column_gated
+        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, row_gated, col_gated)
+        want = ChunkedKernels().dense_backward(*args)
+        with backward_path(path, panel_size=128 if path == "panel" else None):
+            got = triton_mod.KERNELS.dense_backward(*(
+                t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args
+            ))  # fmt: skip
+        assert torch.isnan(got[0]).any()
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(torch.isnan(g).cpu(), torch.isnan(w))
+
+
 def test_backward_path_switches():
     triton_mod = _kernels()
     launch = triton_mod.launch
@@ -513,8 +539,9 @@ def test_backward_path_switches():
         triton_mod.KERNELS.dense_backward(*args)
     with backward_path("panel", panel_size=100), pytest.raises(ValueError, match="multiple"):
         triton_mod.KERNELS.dense_backward(*args)
-    # P follows D within its bounds, and never exceeds the anchors there are.
-    assert launch.panel_size(1024, 16384) == 1024
+    # P follows 2 D within its bounds, and never exceeds the anchors there are.
+    assert launch.panel_size(512, 16384) == 1024
+    assert launch.panel_size(200, 16384) == 512
     assert launch.panel_size(16, 16384) == launch.PANEL_MIN
     assert launch.panel_size(8192, 16384) == launch.PANEL_MAX
     assert launch.panel_size(1024, 300) == 384

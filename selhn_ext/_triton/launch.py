@@ -159,14 +159,21 @@ def backward_path() -> str:
 
 
 def panel_size(dim: int, n_anchors: int) -> int:
-    """P, the gated anchors per panel: about D (so the P x N activity buffer is O(N * D)),
-    between PANEL_MIN and PANEL_MAX, and no more than the anchors there are."""
+    """P, the gated anchors per panel: about 2 D (so the P x N activity buffer is O(N * D),
+    the size of the two embeddings), between PANEL_MIN and PANEL_MAX, and no more than the
+    anchors there are.
+
+    Why not smaller: each panel reads and writes the other side's whole fp32 gradient
+    (8 bytes per P * 2 multiply-adds of the 16-bit GEMM: compute-bound on sm_90 only from
+    P of about 2048), and the gated side's GEMM has (P / GM) * (D / GD) output tiles, too
+    few to fill the GPU when P is small.
+    """
     if testing.panel_size is not None:
         size = testing.panel_size
         if size <= 0 or size % PANEL_UNIT:
             raise ValueError(f"panel_size must be a positive multiple of {PANEL_UNIT}, got {size}")
         return size
-    size = min(max(triton.cdiv(dim, PANEL_UNIT) * PANEL_UNIT, PANEL_MIN), PANEL_MAX)
+    size = min(max(triton.cdiv(2 * dim, PANEL_UNIT) * PANEL_UNIT, PANEL_MIN), PANEL_MAX)
     return min(size, triton.cdiv(n_anchors, PANEL_UNIT) * PANEL_UNIT)
 
 
