@@ -532,7 +532,7 @@ def panel_gated_grad_kernel(
         mem = tl.load(gated_index_ptr + panel_start + g_loc, mask=g_ok, other=0).to(tl.int64)
         d_idx = tl.cast(pid_d, tl.int64) * GD + tl.arange(0, GD)
         d_ok = d_idx < D
-        offs_k = tl.arange(0, GK)
+        offs_k = tl.arange(0, GK).to(tl.int64)  # o * stride_xn may pass 2**31
         acc = tl.zeros((GM, GD), dtype=tl.float32)
         for o0 in range(0, n_other, GK):
             o = o0 + offs_k
