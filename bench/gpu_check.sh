@@ -10,7 +10,8 @@
 #     a JIT build with torch.utils.cpp_extension.load (90 s)
 #   2 correctness: pytest -m gpu (120 s)
 #   3 headline: B = 16384, D = 1024, bf16, three gate mixes: triton, cuda, the authors'
-#     loss (eager and torch.compile), chunked, torch.mm (120 s)
+#     loss (eager and torch.compile), chunked, torch.mm; then triton with
+#     SELHN_TRITON_BACKWARD=panel into triton_panel.csv (120 s)
 #   4 sweep while time remains: B = 4096 * 2^k up to 262144, D in {256, 1024}, bf16 then
 #     fp32 (keeps 65 s for stage 5 when it is selected)
 #   5 ncu on the forward kernels if 60 s remain
@@ -167,7 +168,7 @@ bench() {  # bench PROGRESS_NAME args...: bench/run.py, rerun without a backend 
     local excluded="" attempt rc
     # The progress file only serves the reruns below; a new invocation measures afresh.
     rm -f "$OUT/$name.progress" "$OUT/$name.fatal"
-    local common=(--csv "$CSV" --log "$OUT/bench.log" --progress "$OUT/$name.progress"
+    local common=(--csv "${BENCH_CSV:-$CSV}" --log "$OUT/bench.log" --progress "$OUT/$name.progress"
                   --fatal-file "$OUT/$name.fatal" --device "$DEVICE")
     if [ "$DRY_RUN" = 1 ]; then
         common+=(--no-isolate --min-time 0 --max-reps 1 --warmup 1)
@@ -186,6 +187,13 @@ bench() {  # bench PROGRESS_NAME args...: bench/run.py, rerun without a backend 
 stage_headline() {
     if [ "$DRY_RUN" = 1 ]; then bench headline --preset dry-run-headline
     else bench headline --preset gpu-headline; fi
+    # The Triton backend's opt-in panel backward (tensor-core GEMMs, no float atomics),
+    # timed against the default tiles path above; its own CSV, since both are "triton".
+    [ "$(stage_left)" -lt 20 ] && { echo "no time left for the panel backward"; return 0; }
+    local size=(--sizes 16384 --dims 1024 --dtypes bf16)
+    [ "$DRY_RUN" = 1 ] && size=(--sizes 64 --dims 32 --dtypes bf16)
+    BENCH_CSV="$OUT/triton_panel.csv" SELHN_TRITON_BACKWARD=panel bench headline_panel \
+        --backends triton "${size[@]}" --gate-mixes none,all --passes forward_backward
 }
 
 stage_sweep() {
