@@ -1,12 +1,18 @@
 // The C++ CPU backend of the kernel interface (selhn_ext/kernel_interface.py).
 //
-// S = rows @ cols.T is computed in tiles of kBlockRows x kBlockCols by a dot-product
-// kernel whose result for element (i, j) depends only on row i, column j and D: every
-// element runs the same sequence of vector FMAs over k and the same fixed-order lane
-// reduction, whatever its position in a tile or which rows share its tile. So the backward
-// can recompute tiles made of compacted gated rows (or columns) and still reproduce the
-// forward's S bit for bit, which keeps the forward's active counts (used for the diagonal)
-// equal to the recomputed active set.
+// S = rows @ cols.T is computed in tiles of kBlockRows x kBlockCols by a register-blocked
+// kernel (selhn_s_tile_simd.h: AVX-512F or AVX2+FMA chosen at run time, or a portable
+// loop) in which element (i, j) is one FMA chain over k = 0 .. D-1 from +0: it depends only
+// on row i, column j and D, whatever its position in a tile, which rows share its tile or
+// which path ran. So the backward can recompute tiles made of compacted gated rows (or
+// columns) and still reproduce the forward's S bit for bit, which keeps the forward's
+// active counts (used for the diagonal) equal to the recomputed active set.
+//
+// The dense backward has two regimes, chosen from the gated counts (read on the host):
+// * compacted: tiles of the gated rows x all columns, then of all rows x the gated
+//   columns, each with two products (W @ partners, W.T @ anchors);
+// * merged, when that recomputes no more tiles (most anchors gated): one pass over every
+//   tile with W = row part + column part, so S is recomputed once and two products run.
 //
 // Order of floating-point reductions:
 // * Max/argmax (packed key for fp32, ``beats`` for fp64) and active counts are exact, so
@@ -19,9 +25,9 @@
 //   but change with the thread count or the visit order.
 // * deterministic=True: every floating-point sum runs in ascending tile order with one
 //   owner per output, whatever the thread count and schedule. The forward makes a row pass
-//   and a column pass (S computed twice); the backward recomputes each gated tile once per
-//   output side (twice the tiles). Results are identical bit for bit across thread counts
-//   and visit orders.
+//   and a column pass (S computed twice); the backward recomputes each tile once per
+//   output side (twice the tiles), in either regime. Results are identical bit for bit
+//   across thread counts and visit orders.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,8 +36,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -52,166 +61,126 @@ std::atomic<bool> g_reverse_tile_order{false};
 std::atomic<int64_t> g_backward_tiles{0};
 
 // ---------------------------------------------------------------- S tile kernels
+//
+// Three paths compute the same bits: the portable std::fma loop, and the register-blocked
+// kernel of selhn_s_tile_simd.h compiled for AVX2+FMA and for AVX-512F, chosen at run time.
 
-// Fixed-order reduction of the per-lane partial dot products (pairwise tree).
-template <typename T, int L>
-inline T reduce_lanes(T* lanes) {
-  for (int width = L / 2; width >= 1; width /= 2) {
-    for (int t = 0; t < width; ++t) lanes[t] = lanes[2 * t] + lanes[2 * t + 1];
-  }
-  return lanes[0];
-}
+enum class SimdPath : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// Portable kernel: L lanes of partial sums over k (lane = k mod L), then the tail.
+// Portable kernel: each element is the FMA chain over k that the SIMD kernels run per lane.
 template <typename T>
-void s_tile_generic(const T* a, int64_t na, const T* b, int64_t nb, int64_t dim, T* s,
-                    int64_t lds) {
-  constexpr int L = 8;
-  const int64_t full = dim / L * L;
+void s_tile_portable(const T* a, int64_t na, const T* b, int64_t nb, int64_t dim, T* s,
+                     int64_t lds) {
   for (int64_t i = 0; i < na; ++i) {
     const T* x = a + i * dim;
     for (int64_t j = 0; j < nb; ++j) {
       const T* y = b + j * dim;
-      T lanes[L] = {};
-      for (int64_t k = 0; k < full; k += L) {
-        for (int t = 0; t < L; ++t) lanes[t] += x[k + t] * y[k + t];
-      }
-      T sum = reduce_lanes<T, L>(lanes);
-      for (int64_t k = full; k < dim; ++k) sum += x[k] * y[k];
-      s[i * lds + j] = sum;
+      T acc = T(0);
+      for (int64_t k = 0; k < dim; ++k) acc = std::fma(x[k], y[k], acc);
+      s[i * lds + j] = acc;
     }
   }
 }
 
 #if defined(SELHN_X86)
-#define SELHN_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
-
-struct Avx2Float {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+// 16 ymm registers: 6 rows x 2 vectors of accumulators, two column vectors, one broadcast.
+struct F32 {
   using T = float;
   using V = __m256;
-  static constexpr int L = 8;
-  SELHN_AVX2 static V zero() { return _mm256_setzero_ps(); }
-  SELHN_AVX2 static V load(const T* p) { return _mm256_loadu_ps(p); }
-  SELHN_AVX2 static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  SELHN_AVX2 static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+  static constexpr int L = 8, MR = 6;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const T* p) { return _mm256_loadu_ps(p); }
+  static V broadcast(const T* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(T* p, V v) { _mm256_storeu_ps(p, v); }
 };
-
-struct Avx2Double {
+struct F64 {
   using T = double;
   using V = __m256d;
-  static constexpr int L = 4;
-  SELHN_AVX2 static V zero() { return _mm256_setzero_pd(); }
-  SELHN_AVX2 static V load(const T* p) { return _mm256_loadu_pd(p); }
-  SELHN_AVX2 static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  SELHN_AVX2 static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
+  static constexpr int L = 4, MR = 6;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const T* p) { return _mm256_loadu_pd(p); }
+  static V broadcast(const T* p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static void store(T* p, V v) { _mm256_storeu_pd(p, v); }
 };
+#include "selhn_s_tile_simd.h"
+}  // namespace avx2
+#pragma GCC pop_options
 
-// The end of one element: the lanes, reduced in fixed order, plus the tail k >= full.
-template <class Ops>
-SELHN_AVX2 typename Ops::T finish_dot(typename Ops::V acc, const typename Ops::T* x,
-                                      const typename Ops::T* y, int64_t full, int64_t dim) {
-  using T = typename Ops::T;
-  alignas(32) T lanes[Ops::L];
-  Ops::store(lanes, acc);
-  T sum = reduce_lanes<T, Ops::L>(lanes);
-  for (int64_t k = full; k < dim; ++k) sum += x[k] * y[k];  // -ffp-contract=off: no FMA
-  return sum;
-}
-
-// 2 x 4 register blocks where they fit, single elements elsewhere; both run the same
-// per-element instruction sequence, so the blocking never changes a bit of S.
-template <class Ops>
-__attribute__((target("avx2,fma"))) void s_tile_avx2(const typename Ops::T* a, int64_t na,
-                                                     const typename Ops::T* b, int64_t nb,
-                                                     int64_t dim, typename Ops::T* s,
-                                                     int64_t lds) {
-  using V = typename Ops::V;
-  constexpr int L = Ops::L;
-  const int64_t full = dim / L * L;
-  int64_t i = 0;
-  for (; i + 2 <= na; i += 2) {
-    const auto* x0 = a + i * dim;
-    const auto* x1 = x0 + dim;
-    int64_t j = 0;
-    for (; j + 4 <= nb; j += 4) {
-      const auto* y0 = b + j * dim;
-      const auto* y1 = y0 + dim;
-      const auto* y2 = y1 + dim;
-      const auto* y3 = y2 + dim;
-      V c00 = Ops::zero(), c01 = Ops::zero(), c02 = Ops::zero(), c03 = Ops::zero();
-      V c10 = Ops::zero(), c11 = Ops::zero(), c12 = Ops::zero(), c13 = Ops::zero();
-      for (int64_t k = 0; k < full; k += L) {
-        const V a0 = Ops::load(x0 + k), a1 = Ops::load(x1 + k);
-        V bk = Ops::load(y0 + k);
-        c00 = Ops::fma(a0, bk, c00);
-        c10 = Ops::fma(a1, bk, c10);
-        bk = Ops::load(y1 + k);
-        c01 = Ops::fma(a0, bk, c01);
-        c11 = Ops::fma(a1, bk, c11);
-        bk = Ops::load(y2 + k);
-        c02 = Ops::fma(a0, bk, c02);
-        c12 = Ops::fma(a1, bk, c12);
-        bk = Ops::load(y3 + k);
-        c03 = Ops::fma(a0, bk, c03);
-        c13 = Ops::fma(a1, bk, c13);
-      }
-      auto* out0 = s + i * lds + j;
-      auto* out1 = out0 + lds;
-      out0[0] = finish_dot<Ops>(c00, x0, y0, full, dim);
-      out0[1] = finish_dot<Ops>(c01, x0, y1, full, dim);
-      out0[2] = finish_dot<Ops>(c02, x0, y2, full, dim);
-      out0[3] = finish_dot<Ops>(c03, x0, y3, full, dim);
-      out1[0] = finish_dot<Ops>(c10, x1, y0, full, dim);
-      out1[1] = finish_dot<Ops>(c11, x1, y1, full, dim);
-      out1[2] = finish_dot<Ops>(c12, x1, y2, full, dim);
-      out1[3] = finish_dot<Ops>(c13, x1, y3, full, dim);
-    }
-    for (; j < nb; ++j) {
-      const auto* y = b + j * dim;
-      V c0 = Ops::zero(), c1 = Ops::zero();
-      for (int64_t k = 0; k < full; k += L) {
-        const V bk = Ops::load(y + k);
-        c0 = Ops::fma(Ops::load(x0 + k), bk, c0);
-        c1 = Ops::fma(Ops::load(x1 + k), bk, c1);
-      }
-      s[i * lds + j] = finish_dot<Ops>(c0, x0, y, full, dim);
-      s[(i + 1) * lds + j] = finish_dot<Ops>(c1, x1, y, full, dim);
-    }
-  }
-  for (; i < na; ++i) {
-    const auto* x = a + i * dim;
-    for (int64_t j = 0; j < nb; ++j) {
-      const auto* y = b + j * dim;
-      V c = Ops::zero();
-      for (int64_t k = 0; k < full; k += L) c = Ops::fma(Ops::load(x + k), Ops::load(y + k), c);
-      s[i * lds + j] = finish_dot<Ops>(c, x, y, full, dim);
-    }
-  }
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+// 32 zmm registers: 12 rows x 2 vectors of accumulators leave room for the operands.
+struct F32 {
+  using T = float;
+  using V = __m512;
+  static constexpr int L = 16, MR = 12;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const T* p) { return _mm512_loadu_ps(p); }
+  static V broadcast(const T* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
+};
+struct F64 {
+  using T = double;
+  using V = __m512d;
+  static constexpr int L = 8, MR = 12;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const T* p) { return _mm512_loadu_pd(p); }
+  static V broadcast(const T* p) { return _mm512_set1_pd(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static void store(T* p, V v) { _mm512_storeu_pd(p, v); }
+};
+#include "selhn_s_tile_simd.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif  // SELHN_X86
+
+// The fastest path this CPU runs.
+SimdPath best_simd_path() {
+#if defined(SELHN_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return SimdPath::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdPath::kAvx2;
+#endif
+  return SimdPath::kPortable;
+}
+
+const SimdPath g_best_simd_path = best_simd_path();
+// Test-only: force a slower path (never a faster one than the CPU runs).
+std::atomic<int> g_simd_path{static_cast<int>(g_best_simd_path)};
 
 // s[i * lds + j] = <a_i, b_j> for the na x nb tile; a and b are row-major with D columns.
 template <typename T>
 void s_tile(const T* a, int64_t na, const T* b, int64_t nb, int64_t dim, T* s, int64_t lds) {
+  const auto path = static_cast<SimdPath>(g_simd_path.load(std::memory_order_relaxed));
 #if defined(SELHN_X86)
-  if (cpu_has_avx2_fma()) {
-    if constexpr (std::is_same_v<T, float>) {
-      s_tile_avx2<Avx2Float>(a, na, b, nb, dim, s, lds);
+  if (path != SimdPath::kPortable) {
+    // The packed column block, one per thread, grown to the largest tile seen.
+    static thread_local std::vector<T> panel;
+    constexpr int64_t kWidest = 32;  // the widest panel slice (AVX-512 fp32)
+    const int64_t padded = (nb + kWidest - 1) / kWidest * kWidest;
+    if (static_cast<int64_t>(panel.size()) < padded * dim) panel.resize(padded * dim);
+    if (path == SimdPath::kAvx512) {
+      if constexpr (std::is_same_v<T, float>) {
+        avx512::s_tile_blocked<avx512::F32>(a, na, b, nb, dim, s, lds, panel.data());
+      } else {
+        avx512::s_tile_blocked<avx512::F64>(a, na, b, nb, dim, s, lds, panel.data());
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
+      avx2::s_tile_blocked<avx2::F32>(a, na, b, nb, dim, s, lds, panel.data());
     } else {
-      s_tile_avx2<Avx2Double>(a, na, b, nb, dim, s, lds);
+      avx2::s_tile_blocked<avx2::F64>(a, na, b, nb, dim, s, lds, panel.data());
     }
     return;
   }
 #endif
-  s_tile_generic<T>(a, na, b, nb, dim, s, lds);
+  (void)path;
+  s_tile_portable<T>(a, na, b, nb, dim, s, lds);
 }
 
 // ---------------------------------------------------------------- forward statistics
@@ -637,6 +606,136 @@ void run_gated_phase(const GatedPhase<T>& ph, bool deterministic, at::Tensor& gr
   }
 }
 
+// ---- merged regime: one pass over every tile with W = row part + column part.
+
+// The per-anchor inputs of W for both sides.
+template <typename T>
+struct DenseWeightInputs {
+  const T* row_coef;
+  const bool* row_gated;
+  const T* col_coef;
+  const bool* col_gated;
+};
+
+// Recomputes tile (rt, ct) into s and fills w (nr x nc, row-major) with the weights of
+// both sides. Returns false when every weight is zero (the products can be skipped).
+template <typename T>
+bool merged_weights(const Problem<T>& p, const DenseWeightInputs<T>& in, int64_t rt, int64_t ct,
+                    T* s, T* w, int64_t* nr, int64_t* nc) {
+  compute_tile(p, rt, ct, s, nr, nc);
+  g_backward_tiles.fetch_add(1, std::memory_order_relaxed);
+  const int64_t r0 = rt * kBlockRows, c0 = ct * kBlockCols;
+  bool any = false;
+  for (int64_t i = 0; i < *nr; ++i) {
+    const int64_t row = r0 + i;
+    const bool row_gated = in.row_gated[row];
+    const T row_coef = in.row_coef[row];
+    const T d_row = p.col_pos[p.row_offset + row];
+    T* w_row = w + i * *nc;
+    for (int64_t j = 0; j < *nc; ++j) {
+      const int64_t col = c0 + j;
+      T weight = T(0);
+      if (p.valid(row, col)) {
+        const T sij = s[i * kBlockCols + j];
+        weight = dense_pair_weight(row_gated, row_coef, hinge_argument(p.margin, sij, d_row),
+                                   static_cast<bool>(in.col_gated[col]), in.col_coef[col],
+                                   hinge_argument(p.margin, sij, p.col_pos[col]));
+      }
+      any |= weight != T(0);
+      w_row[j] = weight;
+    }
+  }
+  return any;
+}
+
+// grad_rows = W @ cols and grad_cols = W.T @ rows over all tiles, S recomputed once per
+// tile (twice in deterministic mode: a row-owner pass and a column-owner pass, each summing
+// its outputs in ascending tile order).
+template <typename T>
+void run_merged(const Problem<T>& p, const DenseWeightInputs<T>& in, bool deterministic,
+                at::Tensor& grad_rows, at::Tensor& grad_cols) {
+  const int64_t n_rt = p.row_tiles(), n_ct = p.col_tiles(), dim = p.dim;
+  const bool reverse = g_reverse_tile_order.load();
+  const int threads = at::get_num_threads();
+  const int64_t tile_elems = kBlockRows * kBlockCols;
+  T* grad_rows_p = grad_rows.template data_ptr<T>();
+  auto rows_of = [&](int64_t rt, int64_t nr) {
+    return wrap(p.rows + rt * kBlockRows * dim, nr, dim);
+  };
+  auto cols_of = [&](int64_t ct, int64_t nc) {
+    return wrap(p.cols + ct * kBlockCols * dim, nc, dim);
+  };
+  if (!deterministic) {
+    // Threads own row tiles. Thread 0 accumulates the column side straight into grad_cols,
+    // the others into their own buffers, added in thread-id order below.
+    std::vector<at::Tensor> col_buffers;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+      col_buffers.resize(omp_get_num_threads());
+      const int tid = omp_get_thread_num();
+      at::Tensor mine = tid == 0 ? grad_cols : at::zeros_like(grad_cols);
+      col_buffers[tid] = mine;
+      T* mine_p = mine.template data_ptr<T>();
+      std::vector<T> s(tile_elems), w(tile_elems);
+#pragma omp for schedule(static)
+      for (int64_t step = 0; step < n_rt; ++step) {
+        const int64_t rt = visit(step, n_rt, reverse);
+        for (int64_t cstep = 0; cstep < n_ct; ++cstep) {
+          const int64_t ct = visit(cstep, n_ct, reverse);
+          int64_t nr, nc;
+          if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
+          const at::Tensor w_t = wrap(w.data(), nr, nc);
+          wrap(grad_rows_p + rt * kBlockRows * dim, nr, dim).addmm_(w_t, cols_of(ct, nc));
+          wrap(mine_p + ct * kBlockCols * dim, nc, dim).addmm_(w_t.t(), rows_of(rt, nr));
+        }
+      }
+    }
+    for (size_t t = 1; t < col_buffers.size(); ++t) grad_cols.add_(col_buffers[t]);
+    return;
+  }
+  T* grad_cols_p = grad_cols.template data_ptr<T>();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> s(tile_elems), w(tile_elems);
+#pragma omp for schedule(static)
+    for (int64_t step = 0; step < n_rt; ++step) {
+      const int64_t rt = visit(step, n_rt, reverse);
+      for (int64_t ct = 0; ct < n_ct; ++ct) {
+        int64_t nr, nc;
+        if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
+        wrap(grad_rows_p + rt * kBlockRows * dim, nr, dim)
+            .addmm_(wrap(w.data(), nr, nc), cols_of(ct, nc));
+      }
+    }
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> s(tile_elems), w(tile_elems);
+#pragma omp for schedule(static)
+    for (int64_t step = 0; step < n_ct; ++step) {
+      const int64_t ct = visit(step, n_ct, reverse);
+      for (int64_t rt = 0; rt < n_rt; ++rt) {
+        int64_t nr, nc;
+        if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
+        wrap(grad_cols_p + ct * kBlockCols * dim, nc, dim)
+            .addmm_(wrap(w.data(), nr, nc).t(), rows_of(rt, nr));
+      }
+    }
+  }
+}
+
+// The merged pass recomputes every tile once; the compacted passes recompute the tiles of
+// gated rows and of gated columns separately. Both run two products per recomputed tile,
+// so take the one with fewer tiles (the compacted passes when few anchors are gated).
+bool use_merged_pass(int64_t b, int64_t n, int64_t gated_rows, int64_t gated_cols) {
+  auto tiles = [](int64_t count, int64_t size) { return (count + size - 1) / size; };
+  const int64_t merged = tiles(b, kBlockRows) * tiles(n, kBlockCols);
+  const int64_t compacted = tiles(gated_rows, kBlockRows) * tiles(n, kBlockCols) +
+                            tiles(gated_cols, kBlockCols) * tiles(b, kBlockRows);
+  return merged <= compacted;
+}
+
 std::vector<int64_t> gated_indices(const at::Tensor& gated) {
   const at::Tensor flags = gated.to(at::kBool).contiguous();
   const bool* f = flags.data_ptr<bool>();
@@ -668,8 +767,20 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(
   // The CPU may read the gates on the host: compaction here costs O(B), no device sync.
   std::vector<int64_t> gated_rows = gated_indices(row_gated);
   std::vector<int64_t> gated_cols = gated_indices(col_gated);
+  const bool merged = use_merged_pass(in.rows.size(0), in.cols.size(0),
+                                      static_cast<int64_t>(gated_rows.size()),
+                                      static_cast<int64_t>(gated_cols.size()));
   AT_DISPATCH_FLOATING_TYPES(cdt, "selhn_dense_backward_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(in, row_offset, margin);
+    if (merged) {
+      const at::Tensor row_flags = row_gated.to(at::kBool).contiguous();
+      const at::Tensor col_flags = col_gated.to(at::kBool).contiguous();
+      const DenseWeightInputs<scalar_t> weights{
+          row_coef_c.data_ptr<scalar_t>(), row_flags.data_ptr<bool>(),
+          col_coef_c.data_ptr<scalar_t>(), col_flags.data_ptr<bool>()};
+      run_merged(p, weights, deterministic, grad_rows, grad_cols);
+      return;
+    }
     // Column phase first (it owns grad_rows by row tile), then the row phase; the order of
     // the two phases is fixed, so every output's sum order is too.
     GatedPhase<scalar_t> col_phase{&p, false, gated_cols, at::Tensor(),
@@ -700,6 +811,41 @@ int64_t backward_tile_count(bool reset) {
 
 std::vector<int64_t> cpu_tile_shape() { return {kBlockRows, kBlockCols}; }
 
+const char* simd_path_name(SimdPath path) {
+  switch (path) {
+    case SimdPath::kAvx512:
+      return "avx512";
+    case SimdPath::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+// The S tile paths this CPU can run, fastest first.
+std::vector<std::string> cpu_simd_paths() {
+  std::vector<std::string> out;
+  for (int k = static_cast<int>(g_best_simd_path); k >= 0; --k) {
+    out.push_back(simd_path_name(static_cast<SimdPath>(k)));
+  }
+  return out;
+}
+
+// Selects the S tile path by name ("best" restores the default).
+void set_simd_path(const std::string& name) {
+  if (name == "best") {
+    g_simd_path.store(static_cast<int>(g_best_simd_path));
+    return;
+  }
+  for (int k = static_cast<int>(g_best_simd_path); k >= 0; --k) {
+    if (name == simd_path_name(static_cast<SimdPath>(k))) {
+      g_simd_path.store(k);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "selhn: S tile path ", name, " is not available on this CPU");
+}
+
 }  // namespace
 }  // namespace selhn
 
@@ -708,9 +854,12 @@ TORCH_LIBRARY_IMPL(selhn, CPU, m) {
   m.impl("dense_backward_cpu", &selhn::dense_backward_cpu);
 }
 
-// Test-only: tile visiting order, the backward's recomputed-tile counter, the tile shape.
+// Test-only: tile visiting order, the backward's recomputed-tile counter, the tile shape,
+// the S tile paths.
 TORCH_LIBRARY_FRAGMENT(selhn, m) {
   m.def("_cpu_set_reverse_tile_order(bool reverse) -> ()", &selhn::set_reverse_tile_order);
   m.def("_cpu_backward_tile_count(bool reset) -> int", &selhn::backward_tile_count);
   m.def("_cpu_tile_shape() -> int[]", &selhn::cpu_tile_shape);
+  m.def("_cpu_simd_paths() -> str[]", &selhn::cpu_simd_paths);
+  m.def("_cpu_set_simd_path(str name) -> ()", &selhn::set_simd_path);
 }

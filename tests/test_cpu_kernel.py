@@ -312,9 +312,21 @@ def assert_stats_equal(a, b, tol):
             assert_close(x, y, tol, name)
 
 
+def regime_is_merged(b, n, gated_rows, gated_cols):
+    """The dense backward's regime for these counts: one merged pass over every tile when
+    that recomputes no more tiles than the compacted gated-row and gated-column passes."""
+    block_rows, block_cols = torch.ops.selhn._cpu_tile_shape()
+    every_tile = math.ceil(b / block_rows) * math.ceil(n / block_cols)
+    compacted = math.ceil(gated_rows / block_rows) * math.ceil(n / block_cols) + math.ceil(
+        gated_cols / block_cols
+    ) * math.ceil(b / block_rows)
+    return every_tile <= compacted, every_tile, compacted
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("with_ids", [False, True])
-def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids):
+@pytest.mark.parametrize("gated_fraction,merged", [(0.3, False), (0.9, True)])
+def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated_fraction, merged):
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
@@ -327,7 +339,9 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids):
         torch.rand(b, generator=gen).to(d.dtype),
         torch.rand(batch, generator=gen).to(d.dtype),
     )
-    gated_r, gated_c = torch.rand(b, generator=gen) < 0.3, torch.rand(batch, generator=gen) < 0.3
+    gated_r = torch.rand(b, generator=gen) < gated_fraction
+    gated_c = torch.rand(batch, generator=gen) < gated_fraction
+    assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
     for deterministic in (False, True):
         args = (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c)
         g_rows, g_cols = ops.CPU_KERNELS.dense_backward(*args, deterministic=deterministic)
@@ -344,7 +358,6 @@ def backward_tiles(ops, args, deterministic):
 
 def test_backward_recomputes_only_gated_tiles():
     ops = cpu_ops()
-    block_rows, block_cols = torch.ops.selhn._cpu_tile_shape()
     batch = 700
     rows, cols, d, off, _, _ = op_args(torch.float32, batch, 16, with_ids=False)
     coef = torch.ones(batch)
@@ -361,14 +374,24 @@ def test_backward_recomputes_only_gated_tiles():
     for fraction in (0.01, 0.3, 1.0):
         gated_r = torch.rand(batch, generator=gen) < fraction
         gated_c = torch.rand(batch, generator=gen) < fraction
-        g_r, g_c = int(gated_r.sum()), int(gated_c.sum())
-        bound = math.ceil(g_r / block_rows) * math.ceil(batch / block_cols) + math.ceil(
-            g_c / block_cols
-        ) * math.ceil(batch / block_rows)
+        merged, every_tile, compacted = regime_is_merged(
+            batch, batch, int(gated_r.sum()), int(gated_c.sum())
+        )
         args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, gated_r, gated_c)
-        assert 0 < backward_tiles(ops, args, False) <= bound
-        # Deterministic mode recomputes each gated tile once per output side (no shared buffers).
-        assert 0 < backward_tiles(ops, args, True) <= 2 * bound
+        if merged:
+            # Most anchors gated: one pass over every tile, W = row part + column part, S
+            # recomputed once per tile: ceil(B / BM) * ceil(B / BN) tiles, fewer than the
+            # compacted passes would take.
+            assert fraction == 1.0 and every_tile < compacted
+            assert backward_tiles(ops, args, False) == every_tile
+            # Deterministic mode: a row-owner pass and a column-owner pass.
+            assert backward_tiles(ops, args, True) == 2 * every_tile
+        else:
+            # Few gated: only tiles of compacted gated rows and of compacted gated columns.
+            assert fraction < 1.0
+            assert 0 < backward_tiles(ops, args, False) <= compacted
+            # Deterministic: each gated tile once per output side (no shared buffers).
+            assert 0 < backward_tiles(ops, args, True) <= 2 * compacted
     # Through the loss: mode "hardest" gates nothing, so the backward recomputes no tile.
     img, txt = make_batch(200, 16, torch.float32)
     img.requires_grad_(True)
@@ -378,17 +401,23 @@ def test_backward_recomputes_only_gated_tiles():
 
 
 def run_everything(ops, deterministic):
+    """Partials, then the dense backward in the compacted (10% gated) and the merged (40%
+    gated) regime."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
     partial = ops.CPU_KERNELS.partials(
         rows, cols, d, 0, row_ids, col_ids, MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
     coef = torch.rand(333, generator=gen)
-    gated_r, gated_c = torch.rand(333, generator=gen) < 0.4, torch.rand(333, generator=gen) < 0.4
-    grads = ops.CPU_KERNELS.dense_backward(
-        rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
-        deterministic=deterministic,
-    )  # fmt: skip
+    grads = []
+    for fraction, merged in ((0.1, False), (0.4, True)):
+        gated_r = torch.rand(333, generator=gen) < fraction
+        gated_c = torch.rand(333, generator=gen) < fraction
+        assert regime_is_merged(333, 333, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
+        grads += ops.CPU_KERNELS.dense_backward(
+            rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
+            deterministic=deterministic,
+        )  # fmt: skip
     return [t for stats in partial for t in stats] + list(grads)
 
 
@@ -438,6 +467,47 @@ def test_default_mode_is_reproducible_run_to_run():
     first, second = run_everything(ops, False), run_everything(ops, False)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def simd_path():
+    yield torch.ops.selhn._cpu_set_simd_path
+    torch.ops.selhn._cpu_set_simd_path("best")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_simd_path_gives_the_same_bits(simd_path, dtype):
+    """Each S element is one FMA chain over k in a fixed order on every path (AVX-512,
+    AVX2, portable std::fma), so every output is bit-identical across paths. The shapes
+    leave partial micro blocks and panel slices on every path."""
+    ops = cpu_ops()
+    paths = torch.ops.selhn._cpu_simd_paths()
+    assert paths[-1] == "portable"
+    img, txt = make_batch(333, 77, dtype, seed=11)
+    ids = make_ids(333, seed=11)
+    d = positive_scores(img, txt)
+    gen = torch.Generator().manual_seed(12)
+    coef = torch.rand(333, generator=gen, dtype=d.dtype)
+    outputs = {}
+    for path in paths:
+        simd_path(path)
+        out = [
+            t for stats in ops.CPU_KERNELS.partials(img, txt, d, 0, ids, ids, MARGIN) for t in stats
+        ]
+        for fraction, merged in ((0.1, False), (0.6, True)):
+            gated = torch.rand(333, generator=torch.Generator().manual_seed(13)) < fraction
+            assert regime_is_merged(333, 333, int(gated.sum()), int(gated.sum()))[0] == merged
+            for deterministic in (False, True):
+                out += ops.CPU_KERNELS.dense_backward(
+                    img, txt, d, 0, ids, ids, MARGIN, coef, coef, gated, gated,
+                    deterministic=deterministic,
+                )  # fmt: skip
+        outputs[path] = out
+    for path in paths[:-1]:
+        for k, (a, b) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
+            assert torch.equal(a, b), f"{path} output {k} differs from the portable path"
+    with pytest.raises(RuntimeError, match="not available"):
+        simd_path("sse9")
 
 
 def test_bad_inputs_raise_clear_errors():
