@@ -154,33 +154,106 @@ const SimdPath g_best_simd_path = best_simd_path();
 // Test-only: force a slower path (never a faster one than the CPU runs).
 std::atomic<int> g_simd_path{static_cast<int>(g_best_simd_path)};
 
-// s[i * lds + j] = <a_i, b_j> for the na x nb tile; a and b are row-major with D columns.
+// A block of columns prepared for S tiles: packed into panel slices on the SIMD paths
+// (once, then reused by every row block multiplied with it), referenced as is on the
+// portable path. Each thread owns its own.
 template <typename T>
-void s_tile(const T* a, int64_t na, const T* b, int64_t nb, int64_t dim, T* s, int64_t lds) {
+class ColumnPanel {
+ public:
+  // Prepares the nb x dim row-major column block b (which must outlive the panel's use).
+  void pack(const T* b, int64_t nb, int64_t dim) {
+    path_ = static_cast<SimdPath>(g_simd_path.load(std::memory_order_relaxed));
+    cols_ = b;
+    nb_ = nb;
+    dim_ = dim;
+#if defined(SELHN_X86)
+    if (path_ == SimdPath::kPortable) return;
+    constexpr int64_t kWidest = 32;  // the widest panel slice (AVX-512 fp32)
+    const int64_t padded = (nb + kWidest - 1) / kWidest * kWidest;
+    if (static_cast<int64_t>(buffer_.size()) < padded * dim) buffer_.resize(padded * dim);
+    if (path_ == SimdPath::kAvx512) {
+      if constexpr (std::is_same_v<T, float>) {
+        avx512::pack_panel<avx512::F32>(b, nb, dim, buffer_.data());
+      } else {
+        avx512::pack_panel<avx512::F64>(b, nb, dim, buffer_.data());
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
+      avx2::pack_panel<avx2::F32>(b, nb, dim, buffer_.data());
+    } else {
+      avx2::pack_panel<avx2::F64>(b, nb, dim, buffer_.data());
+    }
+#endif
+  }
+
+  int64_t columns() const { return nb_; }
+
+  // s[i * lds + j] = <a_i, b_j> for the na rows a (row-major, dim columns).
+  void multiply(const T* a, int64_t na, T* s, int64_t lds) const {
+#if defined(SELHN_X86)
+    if (path_ == SimdPath::kAvx512) {
+      if constexpr (std::is_same_v<T, float>) {
+        avx512::multiply_panel<avx512::F32>(a, na, buffer_.data(), nb_, dim_, s, lds);
+      } else {
+        avx512::multiply_panel<avx512::F64>(a, na, buffer_.data(), nb_, dim_, s, lds);
+      }
+      return;
+    }
+    if (path_ == SimdPath::kAvx2) {
+      if constexpr (std::is_same_v<T, float>) {
+        avx2::multiply_panel<avx2::F32>(a, na, buffer_.data(), nb_, dim_, s, lds);
+      } else {
+        avx2::multiply_panel<avx2::F64>(a, na, buffer_.data(), nb_, dim_, s, lds);
+      }
+      return;
+    }
+#endif
+    s_tile_portable<T>(a, na, cols_, nb_, dim_, s, lds);
+  }
+
+ private:
+  SimdPath path_ = SimdPath::kPortable;
+  const T* cols_ = nullptr;
+  int64_t nb_ = 0, dim_ = 0;
+  std::vector<T> buffer_;
+};
+
+// c (m x dim) += A @ b for the gradient products: A is m x K with element (i, k) at
+// a[i * a_row + k * a_k] (W or W.T read in place), b is K x dim and c is m x dim, both
+// row-major. Every c element continues its own FMA chain over k = 0 .. K-1 on every path,
+// so the products give the same bits on every path, and their summation order is exactly
+// the order in which the caller visits the tiles.
+template <typename T>
+void add_product(const T* a, int64_t a_row, int64_t a_k, int64_t m, int64_t K, const T* b,
+                 int64_t dim, T* c) {
   const auto path = static_cast<SimdPath>(g_simd_path.load(std::memory_order_relaxed));
 #if defined(SELHN_X86)
   if (path != SimdPath::kPortable) {
-    // The packed column block, one per thread, grown to the largest tile seen.
-    static thread_local std::vector<T> panel;
-    constexpr int64_t kWidest = 32;  // the widest panel slice (AVX-512 fp32)
-    const int64_t padded = (nb + kWidest - 1) / kWidest * kWidest;
-    if (static_cast<int64_t>(panel.size()) < padded * dim) panel.resize(padded * dim);
+    static thread_local std::vector<T> scratch;  // the zero-padded last column strip
+    constexpr int64_t kWidest = 32;
+    if (static_cast<int64_t>(scratch.size()) < (K + m) * kWidest) scratch.resize((K + m) * kWidest);
     if (path == SimdPath::kAvx512) {
       if constexpr (std::is_same_v<T, float>) {
-        avx512::s_tile_blocked<avx512::F32>(a, na, b, nb, dim, s, lds, panel.data());
+        avx512::add_product<avx512::F32>(a, a_row, a_k, m, K, b, dim, dim, c, dim, scratch.data());
       } else {
-        avx512::s_tile_blocked<avx512::F64>(a, na, b, nb, dim, s, lds, panel.data());
+        avx512::add_product<avx512::F64>(a, a_row, a_k, m, K, b, dim, dim, c, dim, scratch.data());
       }
     } else if constexpr (std::is_same_v<T, float>) {
-      avx2::s_tile_blocked<avx2::F32>(a, na, b, nb, dim, s, lds, panel.data());
+      avx2::add_product<avx2::F32>(a, a_row, a_k, m, K, b, dim, dim, c, dim, scratch.data());
     } else {
-      avx2::s_tile_blocked<avx2::F64>(a, na, b, nb, dim, s, lds, panel.data());
+      avx2::add_product<avx2::F64>(a, a_row, a_k, m, K, b, dim, dim, c, dim, scratch.data());
     }
     return;
   }
 #endif
   (void)path;
-  s_tile_portable<T>(a, na, b, nb, dim, s, lds);
+  for (int64_t i = 0; i < m; ++i) {
+    T* c_row = c + i * dim;
+    for (int64_t k = 0; k < K; ++k) {
+      const T x = a[i * a_row + k * a_k];
+      const T* b_row = b + k * dim;
+      for (int64_t j = 0; j < dim; ++j) c_row[j] = std::fma(x, b_row[j], c_row[j]);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- forward statistics
@@ -280,13 +353,35 @@ void fold_tile(const Problem<T>& p, const T* s, int64_t r0, int64_t nr, int64_t 
   }
 }
 
+// Packs column tile ct into the panel.
 template <typename T>
-void compute_tile(const Problem<T>& p, int64_t rt, int64_t ct, T* s, int64_t* nr, int64_t* nc) {
-  const int64_t r0 = rt * kBlockRows, c0 = ct * kBlockCols;
-  *nr = std::min(kBlockRows, p.b - r0);
-  *nc = std::min(kBlockCols, p.n - c0);
-  s_tile<T>(p.rows + r0 * p.dim, *nr, p.cols + c0 * p.dim, *nc, p.dim, s, kBlockCols);
+void pack_col_tile(const Problem<T>& p, int64_t ct, ColumnPanel<T>& panel) {
+  const int64_t c0 = ct * kBlockCols;
+  panel.pack(p.cols + c0 * p.dim, std::min(kBlockCols, p.n - c0), p.dim);
 }
+
+// S of row tile rt against the column tile in the panel, into s (stride kBlockCols).
+template <typename T>
+void compute_tile(const Problem<T>& p, int64_t rt, const ColumnPanel<T>& panel, T* s,
+                  int64_t* nr, int64_t* nc) {
+  const int64_t r0 = rt * kBlockRows;
+  *nr = std::min(kBlockRows, p.b - r0);
+  *nc = panel.columns();
+  panel.multiply(p.rows + r0 * p.dim, *nr, s, kBlockCols);
+}
+
+// Row tiles are handed to threads in groups of consecutive tiles that share each packed
+// column panel (up to 4, 256 rows: with the panel they stay in a core's L2 cache), as long
+// as every thread still gets a group.
+struct RowGroups {
+  int64_t size, count, row_tiles;
+  RowGroups(int64_t n_rt, int threads) : row_tiles(n_rt) {
+    size = std::clamp<int64_t>(n_rt / std::max(threads, 1), 1, 4);
+    count = (n_rt + size - 1) / size;
+  }
+  int64_t begin(int64_t group) const { return group * size; }
+  int64_t end(int64_t group) const { return std::min(row_tiles, (group + 1) * size); }
+};
 
 // Loop position -> tile index, reversed when the test-only switch is on.
 inline int64_t visit(int64_t step, int64_t count, bool reverse) {
@@ -314,19 +409,24 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
   const int64_t n_rt = p.row_tiles(), n_ct = p.col_tiles();
   const bool reverse = g_reverse_tile_order.load();
   const int threads = at::get_num_threads();
+  const RowGroups groups(n_rt, threads);
   if (deterministic) {
     // Row pass: one owner per row tile; columns in ascending tile order.
 #pragma omp parallel num_threads(threads)
     {
       std::vector<T> s(kBlockRows * kBlockCols);
+      ColumnPanel<T> panel;
 #pragma omp for schedule(static)
-      for (int64_t step = 0; step < n_rt; ++step) {
-        const int64_t rt = visit(step, n_rt, reverse);
+      for (int64_t step = 0; step < groups.count; ++step) {
+        const int64_t group = visit(step, groups.count, reverse);
         for (int64_t ct = 0; ct < n_ct; ++ct) {
-          int64_t nr, nc;
-          compute_tile(p, rt, ct, s.data(), &nr, &nc);
-          fold_tile(p, s.data(), rt * kBlockRows, nr, ct * kBlockCols, nc,
-                    rows.data() + rt * kBlockRows, static_cast<AnchorPartial<T>*>(nullptr));
+          pack_col_tile(p, ct, panel);
+          for (int64_t rt = groups.begin(group); rt < groups.end(group); ++rt) {
+            int64_t nr, nc;
+            compute_tile(p, rt, panel, s.data(), &nr, &nc);
+            fold_tile(p, s.data(), rt * kBlockRows, nr, ct * kBlockCols, nc,
+                      rows.data() + rt * kBlockRows, static_cast<AnchorPartial<T>*>(nullptr));
+          }
         }
       }
     }
@@ -334,12 +434,14 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
 #pragma omp parallel num_threads(threads)
     {
       std::vector<T> s(kBlockRows * kBlockCols);
+      ColumnPanel<T> panel;
 #pragma omp for schedule(static)
       for (int64_t step = 0; step < n_ct; ++step) {
         const int64_t ct = visit(step, n_ct, reverse);
+        pack_col_tile(p, ct, panel);
         for (int64_t rt = 0; rt < n_rt; ++rt) {
           int64_t nr, nc;
-          compute_tile(p, rt, ct, s.data(), &nr, &nc);
+          compute_tile(p, rt, panel, s.data(), &nr, &nc);
           fold_tile(p, s.data(), rt * kBlockRows, nr, ct * kBlockCols, nc,
                     static_cast<AnchorPartial<T>*>(nullptr), cols.data() + ct * kBlockCols);
         }
@@ -347,7 +449,7 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
     }
     return;
   }
-  // One pass: each thread owns whole row tiles and keeps partials of every column, merged
+  // One pass: each thread owns whole row groups and keeps partials of every column, merged
   // below in thread-id order.
   std::vector<std::vector<AnchorPartial<T>>> col_parts;
 #pragma omp parallel num_threads(threads)
@@ -357,15 +459,19 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
     std::vector<AnchorPartial<T>>& mine = col_parts[omp_get_thread_num()];
     mine.assign(p.n, AnchorPartial<T>{});
     std::vector<T> s(kBlockRows * kBlockCols);
+    ColumnPanel<T> panel;
 #pragma omp for schedule(static)
-    for (int64_t step = 0; step < n_rt; ++step) {
-      const int64_t rt = visit(step, n_rt, reverse);
+    for (int64_t step = 0; step < groups.count; ++step) {
+      const int64_t group = visit(step, groups.count, reverse);
       for (int64_t cstep = 0; cstep < n_ct; ++cstep) {
         const int64_t ct = visit(cstep, n_ct, reverse);
-        int64_t nr, nc;
-        compute_tile(p, rt, ct, s.data(), &nr, &nc);
-        fold_tile(p, s.data(), rt * kBlockRows, nr, ct * kBlockCols, nc,
-                  rows.data() + rt * kBlockRows, mine.data() + ct * kBlockCols);
+        pack_col_tile(p, ct, panel);
+        for (int64_t rt = groups.begin(group); rt < groups.end(group); ++rt) {
+          int64_t nr, nc;
+          compute_tile(p, rt, panel, s.data(), &nr, &nc);
+          fold_tile(p, s.data(), rt * kBlockRows, nr, ct * kBlockCols, nc,
+                    rows.data() + rt * kBlockRows, mine.data() + ct * kBlockCols);
+        }
       }
     }
   }
@@ -490,25 +596,43 @@ struct GatedPhase {
     return (partner_count() + partner_tile() - 1) / partner_tile();
   }
   const T* partner_rows() const { return anchors_are_rows ? p->cols : p->rows; }
+  int64_t group_count(int64_t g) const {
+    return std::min(group_size(), static_cast<int64_t>(index.size()) - g * group_size());
+  }
+  int64_t partner_tile_count(int64_t t) const {
+    return std::min(partner_tile(), partner_count() - t * partner_tile());
+  }
+  // The column side of S goes into the panel: partner tile t in the row phase, anchor
+  // group g in the column phase. Each call packs only in its own phase.
+  void pack_partner_tile(int64_t t, ColumnPanel<T>& panel) const {
+    if (anchors_are_rows) {
+      panel.pack(partner_rows() + t * partner_tile() * p->dim, partner_tile_count(t), p->dim);
+    }
+  }
+  void pack_anchor_group(int64_t g, ColumnPanel<T>& panel) const {
+    if (!anchors_are_rows) {
+      panel.pack(packed.template data_ptr<T>() + g * group_size() * p->dim, group_count(g),
+                 p->dim);
+    }
+  }
 };
 
-// One recomputed tile: anchors of group g x partners of tile t. Fills w (ng x np, row-major,
-// anchors first) with the gated weights and returns the shapes.
+// One recomputed tile: anchors of group g x partners of tile t, with the panel holding the
+// tile's column side (see pack_partner_tile / pack_anchor_group). Fills w (ng x np,
+// row-major, anchors first) with the gated weights and returns the shapes.
 template <typename T>
-void gated_weights(const GatedPhase<T>& ph, int64_t g, int64_t t, T* s, T* w, int64_t* ng,
-                   int64_t* np) {
+void gated_weights(const GatedPhase<T>& ph, int64_t g, int64_t t, const ColumnPanel<T>& panel,
+                   T* s, T* w, int64_t* ng, int64_t* np) {
   const Problem<T>& p = *ph.p;
   const int64_t a0 = g * ph.group_size(), p0 = t * ph.partner_tile();
-  *ng = std::min(ph.group_size(), static_cast<int64_t>(ph.index.size()) - a0);
-  *np = std::min(ph.partner_tile(), ph.partner_count() - p0);
-  const T* anchors = ph.packed.template data_ptr<T>() + a0 * p.dim;
-  const T* partners = ph.partner_rows() + p0 * p.dim;
+  *ng = ph.group_count(g);
+  *np = ph.partner_tile_count(t);
   // S is always (row side) x (column side), as in the forward, so each element is the
-  // same dot product <row_i, col_j> with the same operand order.
+  // same FMA chain <row_i, col_j>.
   if (ph.anchors_are_rows) {
-    s_tile<T>(anchors, *ng, partners, *np, p.dim, s, *np);
+    panel.multiply(ph.packed.template data_ptr<T>() + a0 * p.dim, *ng, s, *np);
   } else {
-    s_tile<T>(partners, *np, anchors, *ng, p.dim, s, *ng);
+    panel.multiply(ph.partner_rows() + p0 * p.dim, *np, s, *ng);
   }
   g_backward_tiles.fetch_add(1, std::memory_order_relaxed);
   for (int64_t a = 0; a < *ng; ++a) {
@@ -532,13 +656,6 @@ void gated_weights(const GatedPhase<T>& ph, int64_t g, int64_t t, T* s, T* w, in
   }
 }
 
-// grad_anchor_side (ng x D) += W @ partners; grad_partner_side (np x D) += W.T @ anchors.
-template <typename T>
-at::Tensor wrap(const T* data, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<T*>(data), {rows, cols},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
 // Runs one gated phase. ``grad_anchor`` (g, D) receives the anchors' side in compacted
 // order; ``grad_partner`` (partners, D) the partners' side.
 template <typename T>
@@ -554,37 +671,43 @@ void run_gated_phase(const GatedPhase<T>& ph, bool deterministic, at::Tensor& gr
   T* grad_partner_p = grad_partner.template data_ptr<T>();
 
   // Partner-owner pass: each partner tile is owned by one thread, anchor groups ascending.
-  // In default mode it also accumulates the anchors' side into per-thread buffers.
+  // In default mode it also accumulates the anchors' side: thread 0 straight into
+  // grad_anchor (zero on entry), the others into their own buffers, added in thread-id
+  // order below.
   std::vector<at::Tensor> anchor_buffers;
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp single
     anchor_buffers.resize(omp_get_num_threads());
-    at::Tensor mine;
+    T* mine_p = nullptr;
     if (!deterministic) {
-      mine = at::zeros_like(grad_anchor);
-      anchor_buffers[omp_get_thread_num()] = mine;
+      const int tid = omp_get_thread_num();
+      at::Tensor mine = tid == 0 ? grad_anchor : at::zeros_like(grad_anchor);
+      anchor_buffers[tid] = mine;
+      mine_p = mine.template data_ptr<T>();
     }
     std::vector<T> s(tile_elems), w(tile_elems);
+    ColumnPanel<T> panel;
 #pragma omp for schedule(static)
     for (int64_t step = 0; step < n_tiles; ++step) {
       const int64_t t = visit(step, n_tiles, reverse);
+      ph.pack_partner_tile(t, panel);
       for (int64_t g = 0; g < n_groups; ++g) {
+        ph.pack_anchor_group(g, panel);
         int64_t ng, np;
-        gated_weights(ph, g, t, s.data(), w.data(), &ng, &np);
+        gated_weights(ph, g, t, panel, s.data(), w.data(), &ng, &np);
         const int64_t a0 = g * ph.group_size(), p0 = t * ph.partner_tile();
-        const at::Tensor w_t = wrap(w.data(), ng, np);
-        const at::Tensor anchors = wrap(packed + a0 * dim, ng, dim);
-        const at::Tensor partners = wrap(ph.partner_rows() + p0 * dim, np, dim);
-        wrap(grad_partner_p + p0 * dim, np, dim).addmm_(w_t.t(), anchors);
+        // Partners' side += W.T @ anchors; anchors' side += W @ partners.
+        add_product(w.data(), 1, np, np, ng, packed + a0 * dim, dim, grad_partner_p + p0 * dim);
         if (!deterministic) {
-          mine.narrow(0, a0, ng).addmm_(w_t, partners);
+          add_product(w.data(), np, 1, ng, np, ph.partner_rows() + p0 * dim, dim,
+                      mine_p + a0 * dim);
         }
       }
     }
   }
   if (!deterministic) {
-    for (const auto& buffer : anchor_buffers) grad_anchor.add_(buffer);  // thread-id order
+    for (size_t t = 1; t < anchor_buffers.size(); ++t) grad_anchor.add_(anchor_buffers[t]);
     return;
   }
   // Anchor-owner pass (deterministic): each anchor group owned by one thread, partner tiles
@@ -592,15 +715,18 @@ void run_gated_phase(const GatedPhase<T>& ph, bool deterministic, at::Tensor& gr
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> s(tile_elems), w(tile_elems);
+    ColumnPanel<T> panel;
 #pragma omp for schedule(static)
     for (int64_t step = 0; step < n_groups; ++step) {
       const int64_t g = visit(step, n_groups, reverse);
+      ph.pack_anchor_group(g, panel);
       for (int64_t t = 0; t < n_tiles; ++t) {
+        ph.pack_partner_tile(t, panel);
         int64_t ng, np;
-        gated_weights(ph, g, t, s.data(), w.data(), &ng, &np);
+        gated_weights(ph, g, t, panel, s.data(), w.data(), &ng, &np);
         const int64_t a0 = g * ph.group_size(), p0 = t * ph.partner_tile();
-        wrap(grad_anchor_p + a0 * dim, ng, dim)
-            .addmm_(wrap(w.data(), ng, np), wrap(ph.partner_rows() + p0 * dim, np, dim));
+        add_product(w.data(), np, 1, ng, np, ph.partner_rows() + p0 * dim, dim,
+                    grad_anchor_p + a0 * dim);
       }
     }
   }
@@ -617,12 +743,13 @@ struct DenseWeightInputs {
   const bool* col_gated;
 };
 
-// Recomputes tile (rt, ct) into s and fills w (nr x nc, row-major) with the weights of
-// both sides. Returns false when every weight is zero (the products can be skipped).
+// Recomputes tile (rt, ct) into s (the panel holds column tile ct) and fills w (nr x nc,
+// row-major) with the weights of both sides. Returns false when every weight is zero (the
+// products can be skipped).
 template <typename T>
 bool merged_weights(const Problem<T>& p, const DenseWeightInputs<T>& in, int64_t rt, int64_t ct,
-                    T* s, T* w, int64_t* nr, int64_t* nc) {
-  compute_tile(p, rt, ct, s, nr, nc);
+                    const ColumnPanel<T>& panel, T* s, T* w, int64_t* nr, int64_t* nc) {
+  compute_tile(p, rt, panel, s, nr, nc);
   g_backward_tiles.fetch_add(1, std::memory_order_relaxed);
   const int64_t r0 = rt * kBlockRows, c0 = ct * kBlockCols;
   bool any = false;
@@ -657,17 +784,13 @@ void run_merged(const Problem<T>& p, const DenseWeightInputs<T>& in, bool determ
   const int64_t n_rt = p.row_tiles(), n_ct = p.col_tiles(), dim = p.dim;
   const bool reverse = g_reverse_tile_order.load();
   const int threads = at::get_num_threads();
+  const RowGroups groups(n_rt, threads);
   const int64_t tile_elems = kBlockRows * kBlockCols;
   T* grad_rows_p = grad_rows.template data_ptr<T>();
-  auto rows_of = [&](int64_t rt, int64_t nr) {
-    return wrap(p.rows + rt * kBlockRows * dim, nr, dim);
-  };
-  auto cols_of = [&](int64_t ct, int64_t nc) {
-    return wrap(p.cols + ct * kBlockCols * dim, nc, dim);
-  };
+  T* grad_cols_p = grad_cols.template data_ptr<T>();
   if (!deterministic) {
-    // Threads own row tiles. Thread 0 accumulates the column side straight into grad_cols,
-    // the others into their own buffers, added in thread-id order below.
+    // Threads own row groups. Thread 0 accumulates the column side straight into
+    // grad_cols, the others into their own buffers, added in thread-id order below.
     std::vector<at::Tensor> col_buffers;
 #pragma omp parallel num_threads(threads)
     {
@@ -678,48 +801,60 @@ void run_merged(const Problem<T>& p, const DenseWeightInputs<T>& in, bool determ
       col_buffers[tid] = mine;
       T* mine_p = mine.template data_ptr<T>();
       std::vector<T> s(tile_elems), w(tile_elems);
+      ColumnPanel<T> panel;
 #pragma omp for schedule(static)
-      for (int64_t step = 0; step < n_rt; ++step) {
-        const int64_t rt = visit(step, n_rt, reverse);
+      for (int64_t step = 0; step < groups.count; ++step) {
+        const int64_t group = visit(step, groups.count, reverse);
         for (int64_t cstep = 0; cstep < n_ct; ++cstep) {
           const int64_t ct = visit(cstep, n_ct, reverse);
-          int64_t nr, nc;
-          if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
-          const at::Tensor w_t = wrap(w.data(), nr, nc);
-          wrap(grad_rows_p + rt * kBlockRows * dim, nr, dim).addmm_(w_t, cols_of(ct, nc));
-          wrap(mine_p + ct * kBlockCols * dim, nc, dim).addmm_(w_t.t(), rows_of(rt, nr));
+          pack_col_tile(p, ct, panel);
+          for (int64_t rt = groups.begin(group); rt < groups.end(group); ++rt) {
+            int64_t nr, nc;
+            if (!merged_weights(p, in, rt, ct, panel, s.data(), w.data(), &nr, &nc)) continue;
+            const int64_t r0 = rt * kBlockRows, c0 = ct * kBlockCols;
+            // grad_rows tile += W @ cols tile; this thread's grad_cols tile += W.T @ rows tile.
+            add_product(w.data(), nc, 1, nr, nc, p.cols + c0 * dim, dim, grad_rows_p + r0 * dim);
+            add_product(w.data(), 1, nc, nc, nr, p.rows + r0 * dim, dim, mine_p + c0 * dim);
+          }
         }
       }
     }
     for (size_t t = 1; t < col_buffers.size(); ++t) grad_cols.add_(col_buffers[t]);
     return;
   }
-  T* grad_cols_p = grad_cols.template data_ptr<T>();
+  // Row-owner pass: each row group owned by one thread, column tiles ascending.
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> s(tile_elems), w(tile_elems);
+    ColumnPanel<T> panel;
 #pragma omp for schedule(static)
-    for (int64_t step = 0; step < n_rt; ++step) {
-      const int64_t rt = visit(step, n_rt, reverse);
+    for (int64_t step = 0; step < groups.count; ++step) {
+      const int64_t group = visit(step, groups.count, reverse);
       for (int64_t ct = 0; ct < n_ct; ++ct) {
-        int64_t nr, nc;
-        if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
-        wrap(grad_rows_p + rt * kBlockRows * dim, nr, dim)
-            .addmm_(wrap(w.data(), nr, nc), cols_of(ct, nc));
+        pack_col_tile(p, ct, panel);
+        for (int64_t rt = groups.begin(group); rt < groups.end(group); ++rt) {
+          int64_t nr, nc;
+          if (!merged_weights(p, in, rt, ct, panel, s.data(), w.data(), &nr, &nc)) continue;
+          add_product(w.data(), nc, 1, nr, nc, p.cols + ct * kBlockCols * dim, dim,
+                      grad_rows_p + rt * kBlockRows * dim);
+        }
       }
     }
   }
+  // Column-owner pass: each column tile owned by one thread, row tiles ascending.
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> s(tile_elems), w(tile_elems);
+    ColumnPanel<T> panel;
 #pragma omp for schedule(static)
     for (int64_t step = 0; step < n_ct; ++step) {
       const int64_t ct = visit(step, n_ct, reverse);
+      pack_col_tile(p, ct, panel);
       for (int64_t rt = 0; rt < n_rt; ++rt) {
         int64_t nr, nc;
-        if (!merged_weights(p, in, rt, ct, s.data(), w.data(), &nr, &nc)) continue;
-        wrap(grad_cols_p + ct * kBlockCols * dim, nc, dim)
-            .addmm_(wrap(w.data(), nr, nc).t(), rows_of(rt, nr));
+        if (!merged_weights(p, in, rt, ct, panel, s.data(), w.data(), &nr, &nc)) continue;
+        add_product(w.data(), 1, nc, nc, nr, p.rows + rt * kBlockRows * dim, dim,
+                    grad_cols_p + ct * kBlockCols * dim);
       }
     }
   }
