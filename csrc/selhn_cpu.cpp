@@ -321,36 +321,261 @@ struct Problem {
   }
 };
 
-// Fold one S tile (rows [r0, r0 + nr), columns [c0, c0 + nc)) into the row partials
-// (indexed by local row, or nullptr) and the column partials (indexed by local column, or
-// nullptr), visiting columns in ascending order within each row.
+// The row hinge sums of one tile run in 16 interleaved chains (column j mod 16, so a
+// 16-wide vector adds them at once) combined by this fixed pairwise tree; every path of
+// the fold sums in exactly this order.
+constexpr int kSumLanes = 16;
+
+inline double sum_lanes(const double* lanes) {
+  double level[kSumLanes];
+  for (int k = 0; k < kSumLanes; ++k) level[k] = lanes[k];
+  for (int width = kSumLanes / 2; width >= 1; width /= 2) {
+    for (int k = 0; k < width; ++k) level[k] = level[2 * k] + level[2 * k + 1];
+  }
+  return level[0];
+}
+
+// The best (value, position) among one tile's candidates, offered in ascending position
+// order: a later candidate wins only if strictly larger or the first NaN, so ties and
+// NaNs keep the smallest position, as ``beats`` and the packed key decide. The tile's
+// winner then goes into the running MaxTracker once, with its global index.
+template <typename T>
+struct TileBest {
+  T value = -std::numeric_limits<T>::infinity();
+  int32_t pos = -1;
+  void offer(T v, int32_t at) {
+    if (pos < 0 || v > value || (is_nan(v) && !is_nan(value))) {
+      value = v;
+      pos = at;
+    }
+  }
+};
+
+// One tile's contributions to its column anchors (local column j), gathered over the rows
+// in ascending order before they go into the partials.
+template <typename T>
+struct ColumnTileStats {
+  T best_value[kBlockCols];
+  int32_t best_pos[kBlockCols];  // local row, -1 if none
+  double sum[kBlockCols];
+  int32_t active[kBlockCols];
+  void reset(int64_t nc) {
+    for (int64_t j = 0; j < nc; ++j) {
+      best_value[j] = -std::numeric_limits<T>::infinity();
+      best_pos[j] = -1;
+      sum[j] = 0.0;
+      active[j] = 0;
+    }
+  }
+  void add_to(const Problem<T>& p, int64_t r0, int64_t nc, AnchorPartial<T>* col_part) const {
+    for (int64_t j = 0; j < nc; ++j) {
+      AnchorPartial<T>& part = col_part[j];
+      if (best_pos[j] >= 0) part.max.add(best_value[j], p.row_offset + r0 + best_pos[j]);
+      part.hinge_sum += sum[j];
+      part.active += active[j];
+    }
+  }
+};
+
+// Adds one row's tile contributions (best, 16 sum chains, active count) to its partial.
+template <typename T>
+void add_row_tile(AnchorPartial<T>& part, T best_value, int32_t best_pos, int64_t c0,
+                  const double* sums, int32_t active) {
+  if (best_pos >= 0) part.max.add(best_value, c0 + best_pos);
+  part.hinge_sum += sum_lanes(sums);
+  part.active += active;
+}
+
+// Fold one S tile (rows [r0, r0 + nr), columns [c0, c0 + nc), stride kBlockCols) into the
+// row partials (indexed by local row, or nullptr) and the column partials (indexed by
+// local column, or nullptr). Each anchor's tile contributions are gathered first and
+// added to its partial once, so the result depends on the tile order only.
+template <typename T>
+void fold_tile_scalar(const Problem<T>& p, const T* s, int64_t r0, int64_t nr, int64_t c0,
+                      int64_t nc, AnchorPartial<T>* row_part, AnchorPartial<T>* col_part) {
+  const bool has_ids = p.row_ids != nullptr;
+  // Local column j is invalid for local row i when it is the row's positive or, with ids,
+  // has the row's id.
+  auto valid = [&](int64_t i, int64_t j) {
+    return c0 + j != p.row_offset + r0 + i &&
+           (!has_ids || p.row_ids[r0 + i] != p.col_ids[c0 + j]);
+  };
+  if (row_part) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* s_row = s + i * kBlockCols;
+      const T d_row = p.col_pos[p.row_offset + r0 + i];
+      TileBest<T> best;
+      double sums[kSumLanes] = {};
+      int32_t active = 0;
+      for (int64_t j = 0; j < nc; ++j) {
+        if (!valid(i, j)) continue;
+        const T arg = hinge_argument(p.margin, s_row[j], d_row);
+        best.offer(s_row[j], static_cast<int32_t>(j));
+        sums[j % kSumLanes] += static_cast<double>(hinge(arg));
+        active += hinge_active(arg);
+      }
+      add_row_tile(row_part[i], best.value, best.pos, c0, sums, active);
+    }
+  }
+  if (col_part) {
+    ColumnTileStats<T> cols;
+    cols.reset(nc);
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* s_row = s + i * kBlockCols;
+      for (int64_t j = 0; j < nc; ++j) {
+        if (!valid(i, j)) continue;
+        const T v = s_row[j];
+        const T arg = hinge_argument(p.margin, v, p.col_pos[c0 + j]);
+        if (cols.best_pos[j] < 0 || v > cols.best_value[j] ||
+            (is_nan(v) && !is_nan(cols.best_value[j]))) {
+          cols.best_value[j] = v;
+          cols.best_pos[j] = static_cast<int32_t>(i);
+        }
+        cols.sum[j] += static_cast<double>(hinge(arg));
+        cols.active[j] += hinge_active(arg);
+      }
+    }
+    cols.add_to(p, r0, nc, col_part);
+  }
+}
+
+#if defined(SELHN_X86)
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+
+// The fp32 fold, 16 columns at a time; the same operations per element and the same
+// summation order as fold_tile_scalar, so the same bits.
+void fold_tile_f32(const Problem<float>& p, const float* s, int64_t r0, int64_t nr, int64_t c0,
+                   int64_t nc, AnchorPartial<float>* row_part, AnchorPartial<float>* col_part) {
+  const bool has_ids = p.row_ids != nullptr;
+  const __m512 margin = _mm512_set1_ps(p.margin);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // Lanes of local columns [j, j + 16) that exist and are valid negatives of local row i.
+  auto valid_mask = [&](int64_t i, int64_t j) -> __mmask16 {
+    __mmask16 in = j + 16 <= nc ? __mmask16(0xFFFF) : __mmask16((1u << (nc - j)) - 1);
+    const int64_t diag = p.row_offset + r0 + i - c0 - j;  // the positive's lane
+    if (diag >= 0 && diag < 16) in &= __mmask16(~(1u << diag));
+    if (has_ids) {
+      const __m512i row_id = _mm512_set1_epi64(p.row_ids[r0 + i]);
+      const int64_t* ids = p.col_ids + c0 + j;
+      const __mmask8 lo = _mm512_mask_cmpneq_epi64_mask(__mmask8(in), row_id,
+                                                        _mm512_maskz_loadu_epi64(__mmask8(in), ids));
+      const __mmask8 hi = _mm512_mask_cmpneq_epi64_mask(
+          __mmask8(in >> 8), row_id, _mm512_maskz_loadu_epi64(__mmask8(in >> 8), ids + 8));
+      in = __mmask16(lo | (hi << 8));
+    }
+    return in;
+  };
+  // hinge(arg) in the lanes where it counts, 0 elsewhere; widened to double in halves.
+  auto hinge_halves = [&](__m512 arg, __m512d* lo, __m512d* hi) {
+    const __mmask16 keep =
+        _mm512_cmp_ps_mask(arg, zero, _CMP_GT_OQ) | _mm512_cmp_ps_mask(arg, arg, _CMP_UNORD_Q);
+    const __m512 h = _mm512_maskz_mov_ps(keep, arg);
+    *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(h));
+    *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(h), 1)));
+  };
+  // Lanes where candidate v beats the current best (TileBest::offer, lane by lane).
+  auto better = [&](__mmask16 valid, __m512 v, __m512 best, __m512i best_pos) -> __mmask16 {
+    const __mmask16 empty = _mm512_cmplt_epi32_mask(best_pos, _mm512_setzero_si512());
+    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 best_nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    return valid & (empty | _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | (v_nan & ~best_nan));
+  };
+  if (row_part) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const float* s_row = s + i * kBlockCols;
+      const __m512 d_row = _mm512_set1_ps(p.col_pos[p.row_offset + r0 + i]);
+      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i best_pos = _mm512_set1_epi32(-1);
+      __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+      int32_t active = 0;
+      for (int64_t j = 0; j < nc; j += 16) {
+        const __mmask16 valid = valid_mask(i, j);
+        const __m512 v = _mm512_maskz_loadu_ps(valid, s_row + j);
+        const __m512 arg = _mm512_sub_ps(_mm512_add_ps(margin, v), d_row);
+        __m512d h_lo, h_hi;
+        hinge_halves(arg, &h_lo, &h_hi);
+        sum_lo = _mm512_mask_add_pd(sum_lo, __mmask8(valid), sum_lo, h_lo);
+        sum_hi = _mm512_mask_add_pd(sum_hi, __mmask8(valid >> 8), sum_hi, h_hi);
+        active += __builtin_popcount(valid & _mm512_cmp_ps_mask(arg, zero, _CMP_GT_OQ));
+        const __mmask16 win = better(valid, v, best, best_pos);
+        best = _mm512_mask_mov_ps(best, win, v);
+        best_pos = _mm512_mask_mov_epi32(
+            best_pos, win, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j))));
+      }
+      // Lane winners to the row's winner: ``beats`` picks the same pair in any order.
+      alignas(64) float lane_best[16];
+      alignas(64) int32_t lane_pos[16];
+      alignas(64) double sums[kSumLanes];
+      _mm512_store_ps(lane_best, best);
+      _mm512_store_si512(lane_pos, best_pos);
+      _mm512_store_pd(sums, sum_lo);
+      _mm512_store_pd(sums + 8, sum_hi);
+      float best_value = -std::numeric_limits<float>::infinity();
+      int32_t pos = -1;
+      for (int k = 0; k < 16; ++k) {
+        if (lane_pos[k] >= 0 && beats(lane_best[k], lane_pos[k], best_value, pos)) {
+          best_value = lane_best[k];
+          pos = lane_pos[k];
+        }
+      }
+      add_row_tile(row_part[i], best_value, pos, c0, sums, active);
+    }
+  }
+  if (col_part) {
+    ColumnTileStats<float> cols;
+    cols.reset(nc);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t i = 0; i < nr; ++i) {
+      const float* s_row = s + i * kBlockCols;
+      const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(i));
+      for (int64_t j = 0; j < nc; j += 16) {
+        const __mmask16 valid = valid_mask(i, j);
+        const __m512 v = _mm512_maskz_loadu_ps(valid, s_row + j);
+        const __m512 d_col = _mm512_maskz_loadu_ps(valid, p.col_pos + c0 + j);
+        const __m512 arg = _mm512_sub_ps(_mm512_add_ps(margin, v), d_col);
+        __m512d h_lo, h_hi;
+        hinge_halves(arg, &h_lo, &h_hi);
+        double* sum = cols.sum + j;
+        _mm512_mask_storeu_pd(sum, __mmask8(valid),
+                              _mm512_add_pd(_mm512_maskz_loadu_pd(__mmask8(valid), sum), h_lo));
+        _mm512_mask_storeu_pd(
+            sum + 8, __mmask8(valid >> 8),
+            _mm512_add_pd(_mm512_maskz_loadu_pd(__mmask8(valid >> 8), sum + 8), h_hi));
+        const __mmask16 active = valid & _mm512_cmp_ps_mask(arg, zero, _CMP_GT_OQ);
+        int32_t* count = cols.active + j;
+        _mm512_mask_storeu_epi32(
+            count, active, _mm512_add_epi32(_mm512_maskz_loadu_epi32(active, count), one));
+        const __m512 best = _mm512_maskz_loadu_ps(valid, cols.best_value + j);
+        const __m512i best_pos = _mm512_maskz_loadu_epi32(valid, cols.best_pos + j);
+        const __mmask16 win = better(valid, v, best, best_pos);
+        _mm512_mask_storeu_ps(cols.best_value + j, win, v);
+        _mm512_mask_storeu_epi32(cols.best_pos + j, win, row);
+      }
+    }
+    cols.add_to(p, r0, nc, col_part);
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // SELHN_X86
+
 template <typename T>
 void fold_tile(const Problem<T>& p, const T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                AnchorPartial<T>* row_part, AnchorPartial<T>* col_part) {
-  for (int64_t i = 0; i < nr; ++i) {
-    const int64_t row = r0 + i;
-    const T d_row = p.col_pos[p.row_offset + row];
-    AnchorPartial<T> acc = row_part ? row_part[i] : AnchorPartial<T>{};
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t col = c0 + j;
-      if (!p.valid(row, col)) continue;
-      const T sij = s[i * kBlockCols + j];
-      if (row_part) {
-        const T arg = hinge_argument(p.margin, sij, d_row);
-        acc.max.add(sij, col);
-        acc.hinge_sum += static_cast<double>(hinge(arg));
-        acc.active += hinge_active(arg);
-      }
-      if (col_part) {
-        const T arg = hinge_argument(p.margin, sij, p.col_pos[col]);
-        AnchorPartial<T>& c = col_part[j];
-        c.max.add(sij, p.row_offset + row);
-        c.hinge_sum += static_cast<double>(hinge(arg));
-        c.active += hinge_active(arg);
-      }
+#if defined(SELHN_X86)
+  if constexpr (std::is_same_v<T, float>) {
+    if (static_cast<SimdPath>(g_simd_path.load(std::memory_order_relaxed)) ==
+        SimdPath::kAvx512) {
+      avx512::fold_tile_f32(p, s, r0, nr, c0, nc, row_part, col_part);
+      return;
     }
-    if (row_part) row_part[i] = acc;
   }
+#endif
+  fold_tile_scalar(p, s, r0, nr, c0, nc, row_part, col_part);
 }
 
 // Packs column tile ct into the panel.
