@@ -43,7 +43,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The SIMD paths are compiled per instruction set with ``#pragma GCC target`` regions, a
+// GCC feature; other compilers build the portable path only.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define SELHN_X86 1
 #endif
