@@ -476,36 +476,41 @@ def simd_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_simd_path_gives_the_same_bits(simd_path, dtype):
-    """Each S element is one FMA chain over k in a fixed order on every path (AVX-512,
-    AVX2, portable std::fma), so every output is bit-identical across paths. The shapes
-    leave partial micro blocks and panel slices on every path."""
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
+    """Each S element and each gradient element is one FMA chain over k in a fixed order on
+    every path (AVX-512, AVX2, portable std::fma), and the tile statistics are summed in
+    the same order, so every output is bit-identical across paths. The shapes leave partial
+    micro blocks and panel slices on every path; the rows are a block of a bigger batch."""
     ops = cpu_ops()
     paths = torch.ops.selhn._cpu_simd_paths()
     assert paths[-1] == "portable"
-    img, txt = make_batch(333, 77, dtype, seed=11)
-    ids = make_ids(333, seed=11)
-    d = positive_scores(img, txt)
+    batch, b, off = 333, 211, 61
+    rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 77, with_ids, off, b)
     gen = torch.Generator().manual_seed(12)
-    coef = torch.rand(333, generator=gen, dtype=d.dtype)
+    coef_r, coef_c = torch.rand(b, generator=gen), torch.rand(batch, generator=gen)
+    gates = [(torch.rand(b, generator=gen), torch.rand(batch, generator=gen)) for _ in range(2)]
     outputs = {}
     for path in paths:
         simd_path(path)
-        out = [
-            t for stats in ops.CPU_KERNELS.partials(img, txt, d, 0, ids, ids, MARGIN) for t in stats
-        ]
-        for fraction, merged in ((0.1, False), (0.6, True)):
-            gated = torch.rand(333, generator=torch.Generator().manual_seed(13)) < fraction
-            assert regime_is_merged(333, 333, int(gated.sum()), int(gated.sum()))[0] == merged
+        stats = ops.CPU_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+        out = [t for direction in stats for t in direction]
+        for fraction, merged in ((0.1, False), (0.7, True)):
+            gated_r, gated_c = (g < fraction for g in gates[merged])
+            assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
             for deterministic in (False, True):
                 out += ops.CPU_KERNELS.dense_backward(
-                    img, txt, d, 0, ids, ids, MARGIN, coef, coef, gated, gated,
-                    deterministic=deterministic,
+                    rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype),
+                    coef_c.to(d.dtype), gated_r, gated_c, deterministic=deterministic,
                 )  # fmt: skip
         outputs[path] = out
     for path in paths[:-1]:
-        for k, (a, b) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
-            assert torch.equal(a, b), f"{path} output {k} differs from the portable path"
+        for k, (x, y) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
+            assert torch.equal(x, y), f"{path} output {k} differs from the portable path"
+    # The outputs are right, not only equal: the chunked kernels agree.
+    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    for got, want in zip((stats[0], stats[1]), ref, strict=True):
+        assert_stats_equal(got, want, 1e-5 if dtype == torch.float32 else 1e-12)
     with pytest.raises(RuntimeError, match="not available"):
         simd_path("sse9")
 
