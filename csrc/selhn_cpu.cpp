@@ -678,11 +678,11 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
   }
   // One pass: each thread owns whole row groups and keeps partials of every column, merged
   // below in thread-id order.
-  std::vector<std::vector<AnchorPartial<T>>> col_parts;
+  // One slot per possible thread, so no barrier is needed to size it (a team may be
+  // smaller than asked; its unused slots stay empty).
+  std::vector<std::vector<AnchorPartial<T>>> col_parts(threads);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp single
-    col_parts.resize(omp_get_num_threads());
     std::vector<AnchorPartial<T>>& mine = col_parts[omp_get_thread_num()];
     mine.assign(p.n, AnchorPartial<T>{});
     std::vector<T> s(kBlockRows * kBlockCols);
@@ -704,7 +704,9 @@ void partials_impl(const Problem<T>& p, bool deterministic, std::vector<AnchorPa
   }
   at::parallel_for(0, p.n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      for (const auto& part : col_parts) cols[j].merge(part[j]);
+      for (const auto& part : col_parts) {
+        if (!part.empty()) cols[j].merge(part[j]);
+      }
     }
   });
 }
@@ -901,11 +903,9 @@ void run_gated_phase(const GatedPhase<T>& ph, bool deterministic, at::Tensor& gr
   // In default mode it also accumulates the anchors' side: thread 0 straight into
   // grad_anchor (zero on entry), the others into their own buffers, added in thread-id
   // order below.
-  std::vector<at::Tensor> anchor_buffers;
+  std::vector<at::Tensor> anchor_buffers(threads);  // one slot per possible thread
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp single
-    anchor_buffers.resize(omp_get_num_threads());
     T* mine_p = nullptr;
     if (!deterministic) {
       const int tid = omp_get_thread_num();
@@ -934,7 +934,9 @@ void run_gated_phase(const GatedPhase<T>& ph, bool deterministic, at::Tensor& gr
     }
   }
   if (!deterministic) {
-    for (size_t t = 1; t < anchor_buffers.size(); ++t) grad_anchor.add_(anchor_buffers[t]);
+    for (size_t t = 1; t < anchor_buffers.size(); ++t) {
+      if (anchor_buffers[t].defined()) grad_anchor.add_(anchor_buffers[t]);
+    }
     return;
   }
   // Anchor-owner pass (deterministic): each anchor group owned by one thread, partner tiles
@@ -1018,11 +1020,9 @@ void run_merged(const Problem<T>& p, const DenseWeightInputs<T>& in, bool determ
   if (!deterministic) {
     // Threads own row groups. Thread 0 accumulates the column side straight into
     // grad_cols, the others into their own buffers, added in thread-id order below.
-    std::vector<at::Tensor> col_buffers;
+    std::vector<at::Tensor> col_buffers(threads);  // one slot per possible thread
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-      col_buffers.resize(omp_get_num_threads());
       const int tid = omp_get_thread_num();
       at::Tensor mine = tid == 0 ? grad_cols : at::zeros_like(grad_cols);
       col_buffers[tid] = mine;
@@ -1046,7 +1046,9 @@ void run_merged(const Problem<T>& p, const DenseWeightInputs<T>& in, bool determ
         }
       }
     }
-    for (size_t t = 1; t < col_buffers.size(); ++t) grad_cols.add_(col_buffers[t]);
+    for (size_t t = 1; t < col_buffers.size(); ++t) {
+      if (col_buffers[t].defined()) grad_cols.add_(col_buffers[t]);
+    }
     return;
   }
   // Row-owner pass: each row group owned by one thread, column tiles ascending.
