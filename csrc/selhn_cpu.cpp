@@ -17,6 +17,9 @@
 // Order of floating-point reductions:
 // * Max/argmax (packed key for fp32, ``beats`` for fp64) and active counts are exact, so
 //   their merge order never matters.
+// * Within a tile, each anchor's hinge sum is gathered in a fixed order (16 interleaved
+//   chains for a row, rows ascending for a column) and then added to its running sum, on
+//   every path; the gradient products continue each output's FMA chain tile by tile.
 // * Default mode: hinge sums are accumulated in the order tiles are visited: a row's sum
 //   over its column tiles in visit order, a column's partial sum per thread in that
 //   thread's visit order, and the per-thread column partials merged in thread-id order.
@@ -462,8 +465,8 @@ void fold_tile_f32(const Problem<float>& p, const float* s, int64_t r0, int64_t 
     if (has_ids) {
       const __m512i row_id = _mm512_set1_epi64(p.row_ids[r0 + i]);
       const int64_t* ids = p.col_ids + c0 + j;
-      const __mmask8 lo = _mm512_mask_cmpneq_epi64_mask(__mmask8(in), row_id,
-                                                        _mm512_maskz_loadu_epi64(__mmask8(in), ids));
+      const __mmask8 lo = _mm512_mask_cmpneq_epi64_mask(
+          __mmask8(in), row_id, _mm512_maskz_loadu_epi64(__mmask8(in), ids));
       const __mmask8 hi = _mm512_mask_cmpneq_epi64_mask(
           __mmask8(in >> 8), row_id, _mm512_maskz_loadu_epi64(__mmask8(in >> 8), ids + 8));
       in = __mmask16(lo | (hi << 8));

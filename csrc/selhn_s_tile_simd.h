@@ -163,7 +163,9 @@ inline void update_strip(const typename Ops::T* a, int64_t a_row, int64_t a_k, i
   for (; i + MR <= m; i += MR) {
     update_block<Ops, MR>(a + i * a_row, a_row, a_k, K, b, ldb, c + i * ldc, ldc);
   }
-  if (i < m) update_tail<Ops, MR - 1>(m - i, a + i * a_row, a_row, a_k, K, b, ldb, c + i * ldc, ldc);
+  if (i < m) {
+    update_tail<Ops, MR - 1>(m - i, a + i * a_row, a_row, a_k, K, b, ldb, c + i * ldc, ldc);
+  }
 }
 
 // c (m x n) += A @ b. The last n % NR columns go through zero-padded copies of their b and c
