@@ -563,11 +563,4 @@ def selhn_loss(
             loss = loss / (2 * ranks.total)
     if not return_stats:
         return loss
-    stats = SelHNStats(
-        gated=gated,
-        near_tie=near_tie,
-        gated_fraction=gated.float().mean(dim=1),
-        hardest_index=hardest_index,
-        gap=gap,
-    )
-    return loss, stats
+    return loss, SelHNStats.from_decisions(gated, near_tie, hardest_index, gap)

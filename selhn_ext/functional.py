@@ -25,6 +25,13 @@ class SelHNStats(NamedTuple):
     hardest_index: Tensor  # (2, B) int64: hardest negative's index, -1 if none
     gap: Tensor  # (2, B) compute dtype: positive minus hardest negative, NaN if none
 
+    @classmethod
+    def from_decisions(
+        cls, gated: Tensor, near_tie: Tensor, hardest_index: Tensor, gap: Tensor
+    ) -> SelHNStats:
+        """Statistics from the per-anchor decisions (O(B), no host sync)."""
+        return cls(gated, near_tie, gated.float().mean(dim=1), hardest_index, gap)
+
 
 def _check_embeddings(img: Tensor, txt: Tensor, min_batch: int = 2) -> None:
     for name, t in (("img", img), ("txt", txt)):
@@ -162,14 +169,7 @@ def selhn_loss(
     loss = reduce_losses(per_anchor, reduction)
     if not return_stats:
         return loss
-    stats = SelHNStats(
-        gated=gated,
-        near_tie=near_tie,
-        gated_fraction=gated.float().mean(dim=1),
-        hardest_index=hardest_index,
-        gap=gap,
-    )
-    return loss, stats
+    return loss, SelHNStats.from_decisions(gated, near_tie, hardest_index, gap)
 
 
 def backend_status(img: Tensor, txt: Tensor, **options) -> dict[str, str | None]:
