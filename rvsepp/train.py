@@ -795,6 +795,9 @@ def train(
     if dist_info.owns_group:
         import torch.distributed as dist
 
+        # Every rank leaves together: a rank tearing gloo down while rank 0 still writes
+        # the curves can abort ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return {
         "best_rsum": progress.best_rsum,
