@@ -272,7 +272,35 @@ def _pad_ids(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tens
     return padded, lengths
 
 
-class BiGRUText:
+class _TokenIdText:
+    """A text side of token-id sequences, augmented per item when an RNG is given.
+
+    Subclasses set ``ids`` (one int64 array per caption), ``augmentation``, ``mask_id``
+    and ``replacement_ids`` (the ordinary tokens a replacement may draw from).
+    """
+
+    ids: list[np.ndarray]
+    augmentation: TokenAugmentation | None
+    mask_id: int
+    replacement_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
+        ids = self.ids[index]
+        if rng is None or self.augmentation is None:
+            return ids
+        return augment_tokens(
+            ids,
+            rng,
+            mask_id=self.mask_id,
+            replacement_ids=self.replacement_ids,
+            augmentation=self.augmentation,
+        )
+
+
+class BiGRUText(_TokenIdText):
     """Word ids ``<start> words <end>`` for the BiGRU; batches hold ``tokens`` + ``lengths``."""
 
     def __init__(
@@ -285,21 +313,8 @@ class BiGRUText:
         self.vocab = vocab
         self.augmentation = augmentation
         self.ids = [vocab.encode(tokens) for tokens in tokenize_all(captions, source)]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def item(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
-        ids = self.ids[index]
-        if rng is None or self.augmentation is None:
-            return ids
-        return augment_tokens(
-            ids,
-            rng,
-            mask_id=self.vocab.mask_id,
-            replacement_ids=self.vocab.word_ids,
-            augmentation=self.augmentation,
-        )
+        self.mask_id = vocab.mask_id
+        self.replacement_ids = vocab.word_ids
 
     def collate(self, items: Sequence[np.ndarray]) -> dict[str, Tensor]:
         tokens, lengths = _pad_ids(items, self.vocab.pad_id)
@@ -318,7 +333,7 @@ def _wordpiece_word_ids(tokenizer: Any) -> np.ndarray:
     )
 
 
-class WordPieceText:
+class WordPieceText(_TokenIdText):
     """MiniLM WordPiece ids ([CLS] ... [SEP]) for fine-tuning; batches hold ``input_ids`` and
     ``attention_mask``. Augmentation works on WordPiece tokens, [CLS]/[SEP] kept."""
 
@@ -336,21 +351,8 @@ class WordPieceText:
         encoded = tokenizer(list(captions), truncation=True, max_length=max_length)["input_ids"]
         self.ids = [np.asarray(ids, dtype=np.int64) for ids in encoded]
         self.word_ids = _wordpiece_word_ids(tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def item(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
-        ids = self.ids[index]
-        if rng is None or self.augmentation is None:
-            return ids
-        return augment_tokens(
-            ids,
-            rng,
-            mask_id=self.tokenizer.mask_token_id,
-            replacement_ids=self.word_ids,
-            augmentation=self.augmentation,
-        )
+        self.mask_id = tokenizer.mask_token_id
+        self.replacement_ids = self.word_ids
 
     def collate(self, items: Sequence[np.ndarray]) -> dict[str, Tensor]:
         input_ids, lengths = _pad_ids(items, self.tokenizer.pad_token_id)
