@@ -40,10 +40,10 @@ from selhn_ext import _cpp
 
 print("torch", torch.__version__, "cuda", torch.version.cuda, "selhn_ext", selhn_ext.__file__)
 for op, key in [
-    ("partials_cpu", "CPU"),
-    ("dense_backward_cpu", "CPU"),
-    ("partials_cuda", "CUDA"),
-    ("dense_backward_cuda", "CUDA"),
+    ("partials", "CPU"),
+    ("dense_backward", "CPU"),
+    ("partials", "CUDA"),
+    ("dense_backward", "CUDA"),
 ]:
     registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"selhn::{op}", key)
     print(f"selhn::{op} [{key}]: {'registered' if registered else 'MISSING'}")

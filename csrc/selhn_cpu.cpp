@@ -1217,8 +1217,8 @@ void set_simd_path(const std::string& name) {
 }  // namespace selhn
 
 TORCH_LIBRARY_IMPL(selhn, CPU, m) {
-  m.impl("partials_cpu", &selhn::partials_cpu);
-  m.impl("dense_backward_cpu", &selhn::dense_backward_cpu);
+  m.impl("partials", &selhn::partials_cpu);
+  m.impl("dense_backward", &selhn::dense_backward_cpu);
 }
 
 // Test-only: tile visiting order, the backward's recomputed-tile counter, the tile shape,

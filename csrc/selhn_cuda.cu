@@ -673,6 +673,6 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cuda(
 }  // namespace selhn
 
 TORCH_LIBRARY_IMPL(selhn, CUDA, m) {
-  m.impl("partials_cuda", &selhn::partials_cuda);
-  m.impl("dense_backward_cuda", &selhn::dense_backward_cuda);
+  m.impl("partials", &selhn::partials_cuda);
+  m.impl("dense_backward", &selhn::dense_backward_cuda);
 }

@@ -1,27 +1,24 @@
-// The op schemas of the compiled backends, declared once; each device registers its
-// kernels with TORCH_LIBRARY_IMPL (selhn_cpu.cpp, selhn_cuda.cu). Loading the library
-// registers them. The minimal PyInit__C lets ``import selhn_ext._C`` load it.
+// The op schemas of the compiled backends, declared once: one op per kernel-interface
+// function, with a CPU and a CUDA implementation registered under the same name by
+// TORCH_LIBRARY_IMPL (selhn_cpu.cpp, selhn_cuda.cu), so the dispatcher picks the device.
+// Loading the library registers them. The minimal PyInit__C lets ``import selhn_ext._C``
+// load it.
 #include <Python.h>
 #include <torch/library.h>
 
-// Every backend op shares one signature per kernel-interface function
-// (selhn_ext/kernel_interface.py): partials returns the row statistics then the column
-// (un-finalised) statistics, each as max, arg (int64), hinge_sum, active (int32).
-#define SELHN_PARTIALS_SCHEMA(name)                                                       \
-  name "(Tensor rows, Tensor cols, Tensor col_pos, int row_offset, Tensor? row_ids, "     \
-       "Tensor? col_ids, float margin, bool deterministic, bool allow_tf32) -> (Tensor, " \
-       "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-
-#define SELHN_DENSE_BACKWARD_SCHEMA(name)                                                    \
-  name "(Tensor rows, Tensor cols, Tensor col_pos, int row_offset, Tensor? row_ids, "        \
-       "Tensor? col_ids, float margin, Tensor row_coef, Tensor col_coef, Tensor row_gated, " \
-       "Tensor col_gated, bool deterministic, bool allow_tf32) -> (Tensor, Tensor)"
-
+// The functions of the kernel interface (selhn_ext/kernel_interface.py): partials returns
+// the row statistics then the column (un-finalised) statistics, each as max, arg (int64),
+// hinge_sum, active (int32).
 TORCH_LIBRARY(selhn, m) {
-  m.def(SELHN_PARTIALS_SCHEMA("partials_cpu"));
-  m.def(SELHN_DENSE_BACKWARD_SCHEMA("dense_backward_cpu"));
-  m.def(SELHN_PARTIALS_SCHEMA("partials_cuda"));
-  m.def(SELHN_DENSE_BACKWARD_SCHEMA("dense_backward_cuda"));
+  m.def(
+      "partials(Tensor rows, Tensor cols, Tensor col_pos, int row_offset, Tensor? row_ids, "
+      "Tensor? col_ids, float margin, bool deterministic, bool allow_tf32) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dense_backward(Tensor rows, Tensor cols, Tensor col_pos, int row_offset, "
+      "Tensor? row_ids, Tensor? col_ids, float margin, Tensor row_coef, Tensor col_coef, "
+      "Tensor row_gated, Tensor col_gated, bool deterministic, bool allow_tf32) -> "
+      "(Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -1,6 +1,7 @@
 """The compiled kernels (``selhn_ext._C``): loading, fake kernels, and the backend objects.
 
-``import selhn_ext._C`` loads the library, which registers ``torch.ops.selhn.*``. When the
+``import selhn_ext._C`` loads the library, which registers ``torch.ops.selhn.partials`` and
+``torch.ops.selhn.dense_backward``, each with a CPU and (in CUDA builds) a CUDA kernel. When the
 install could not build it (for example an isolated build environment without torch),
 ``build_extension()`` JIT-builds the CPU part into a per-user cache; later processes load
 it from there.
@@ -66,11 +67,11 @@ def load_error(device_type: str) -> str | None:
     if _LIBRARY_ERROR is not None:
         return f"the compiled kernels are not built: {_LIBRARY_ERROR}; {_HOW_TO_FIX}"
     if device_type == "cpu":
-        if _has_kernel("partials_cpu", "CPU"):
+        if _has_kernel("partials", "CPU"):
             return None
         return f"the C++ CPU kernels are not registered; {_HOW_TO_FIX}"
     if device_type == "cuda":
-        if not _has_kernel("partials_cuda", "CUDA"):
+        if not _has_kernel("partials", "CUDA"):
             return (
                 "the CUDA kernels were not built: install with a CUDA build of torch and "
                 "CUDA_HOME set to a CUDA toolkit (SELHN_CUDA=1 makes a failure loud): "
@@ -106,19 +107,16 @@ def _fake_dense_backward(rows, cols, col_pos, row_offset, row_ids, col_ids, marg
 
 
 if _LIBRARY_ERROR is None:
-    for _device in ("cpu", "cuda"):
-        torch.library.register_fake(f"selhn::partials_{_device}", _fake_partials)
-        torch.library.register_fake(f"selhn::dense_backward_{_device}", _fake_dense_backward)
+    torch.library.register_fake("selhn::partials", _fake_partials)
+    torch.library.register_fake("selhn::dense_backward", _fake_dense_backward)
 
 
 # ---------------------------------------------------------------- backend objects
 
 
 class CompiledKernels:
-    """The kernel interface (kernel_interface.py) on the ``selhn::*_<device>`` ops."""
-
-    def __init__(self, device_type: str) -> None:
-        self.device_type = device_type
+    """The kernel interface (kernel_interface.py) on the ``selhn::*`` ops; the dispatcher
+    runs the CPU or the CUDA kernel by the inputs' device."""
 
     def partials(
         self,
@@ -133,8 +131,7 @@ class CompiledKernels:
         deterministic: bool = False,
         allow_tf32: bool = False,
     ) -> tuple[DirectionStats, DirectionStats]:
-        op = getattr(torch.ops.selhn, f"partials_{self.device_type}")
-        out = op(
+        out = torch.ops.selhn.partials(
             rows, cols, col_pos, int(row_offset), row_ids, col_ids, float(margin),
             bool(deterministic), bool(allow_tf32),
         )  # fmt: skip
@@ -157,15 +154,13 @@ class CompiledKernels:
         deterministic: bool = False,
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        op = getattr(torch.ops.selhn, f"dense_backward_{self.device_type}")
-        return op(
+        return torch.ops.selhn.dense_backward(
             rows, cols, col_pos, int(row_offset), row_ids, col_ids, float(margin),
             row_coef, col_coef, row_gated, col_gated, bool(deterministic), bool(allow_tf32),
         )  # fmt: skip
 
 
-CPU_KERNELS = CompiledKernels("cpu")
-CUDA_KERNELS = CompiledKernels("cuda")
+COMPILED_KERNELS = CompiledKernels()
 
 
 def build_extension(verbose: bool = False) -> Path:

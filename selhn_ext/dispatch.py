@@ -77,16 +77,10 @@ def _compiled_missing(device_type: str) -> str | None:
     return _cpp.load_error(device_type)
 
 
-def _load_cpp_cpu():
+def _load_compiled():
     from . import _cpp
 
-    return _cpp.CPU_KERNELS
-
-
-def _load_cpp_cuda():
-    from . import _cpp
-
-    return _cpp.CUDA_KERNELS
+    return _cpp.COMPILED_KERNELS
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -115,9 +109,9 @@ REGISTRY: dict[str, Backend] = {
     for backend in (
         Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, _always_present, lambda: None),
         Backend("chunked", ("cpu", "cuda"), _ALL_FLOATS, _always_present, _load_chunked),
-        Backend("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing, _load_cpp_cpu),
+        Backend("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing, _load_compiled),
         Backend("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton),
-        Backend("cuda", ("cuda",), _FLOAT16, _compiled_missing, _load_cpp_cuda),
+        Backend("cuda", ("cuda",), _FLOAT16, _compiled_missing, _load_compiled),
     )
 }
 

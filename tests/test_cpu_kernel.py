@@ -258,7 +258,7 @@ def test_nan_propagates_to_max_arg_and_loss():
         img, txt = make_batch(70, 8, dtype, seed=3)
         img[3, 0] = float("nan")  # S row 3 is all NaN, so is every column's entry in row 3
         d = positive_scores(img, txt)
-        rows, cols = ops.CPU_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+        rows, cols = ops.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
         assert torch.isnan(rows.max[3]) and rows.arg[3] == 0  # smallest index among NaNs
         assert torch.isnan(rows.hinge_sum[3])
         others = torch.arange(70) != 3
@@ -285,7 +285,7 @@ def test_opcheck_partials_and_dense_backward():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         rows, cols, d, off, row_ids, col_ids = op_args(dtype, row_offset=8, b=20)
         torch.library.opcheck(
-            torch.ops.selhn.partials_cpu.default,
+            torch.ops.selhn.partials.default,
             (rows, cols, d, off, row_ids, col_ids, MARGIN, False, False),
         )
         gen = torch.Generator().manual_seed(2)
@@ -296,7 +296,7 @@ def test_opcheck_partials_and_dense_backward():
         )
         gated_r, gated_c = torch.rand(20, generator=gen) < 0.5, torch.rand(40, generator=gen) < 0.5
         torch.library.opcheck(
-            torch.ops.selhn.dense_backward_cpu.default,
+            torch.ops.selhn.dense_backward.default,
             (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c,
              True, False),
         )  # fmt: skip
@@ -330,7 +330,7 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
-    got = ops.CPU_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    got = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
     ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
     for a, c in zip(got, ref, strict=True):
         assert_stats_equal(a, c, tol)
@@ -344,7 +344,7 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
     for deterministic in (False, True):
         args = (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c)
-        g_rows, g_cols = ops.CPU_KERNELS.dense_backward(*args, deterministic=deterministic)
+        g_rows, g_cols = ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
         r_rows, r_cols = ChunkedKernels(chunk_rows=32).dense_backward(*args)
         assert_close(g_rows, r_rows, tol * 10, "grad rows")
         assert_close(g_cols, r_cols, tol * 10, "grad cols")
@@ -352,7 +352,7 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
 
 def backward_tiles(ops, args, deterministic):
     torch.ops.selhn._cpu_backward_tile_count(True)
-    ops.CPU_KERNELS.dense_backward(*args, deterministic=deterministic)
+    ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
     return torch.ops.selhn._cpu_backward_tile_count(True)
 
 
@@ -404,7 +404,7 @@ def run_everything(ops, deterministic):
     """Partials, then the dense backward in the compacted (10% gated) and the merged (40%
     gated) regime."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
-    partial = ops.CPU_KERNELS.partials(
+    partial = ops.COMPILED_KERNELS.partials(
         rows, cols, d, 0, row_ids, col_ids, MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
@@ -414,7 +414,7 @@ def run_everything(ops, deterministic):
         gated_r = torch.rand(333, generator=gen) < fraction
         gated_c = torch.rand(333, generator=gen) < fraction
         assert regime_is_merged(333, 333, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
-        grads += ops.CPU_KERNELS.dense_backward(
+        grads += ops.COMPILED_KERNELS.dense_backward(
             rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
             deterministic=deterministic,
         )  # fmt: skip
@@ -493,13 +493,13 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     outputs = {}
     for path in paths:
         simd_path(path)
-        stats = ops.CPU_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+        stats = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
         out = [t for direction in stats for t in direction]
         for fraction, merged in ((0.1, False), (0.7, True)):
             gated_r, gated_c = (g < fraction for g in gates[merged])
             assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
             for deterministic in (False, True):
-                out += ops.CPU_KERNELS.dense_backward(
+                out += ops.COMPILED_KERNELS.dense_backward(
                     rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype),
                     coef_c.to(d.dtype), gated_r, gated_c, deterministic=deterministic,
                 )  # fmt: skip
@@ -519,9 +519,9 @@ def test_bad_inputs_raise_clear_errors():
     cpu_ops()
     rows, cols, d, off, _, _ = op_args(torch.float32, 10, 4, False)
     with pytest.raises(RuntimeError, match="must lie within"):
-        torch.ops.selhn.partials_cpu(rows, cols, d, 5, None, None, MARGIN, False, False)
+        torch.ops.selhn.partials(rows, cols, d, 5, None, None, MARGIN, False, False)
     with pytest.raises(RuntimeError, match="share D"):
-        torch.ops.selhn.partials_cpu(rows[:, :3], cols, d, 0, None, None, MARGIN, False, False)
+        torch.ops.selhn.partials(rows[:, :3], cols, d, 0, None, None, MARGIN, False, False)
     with pytest.raises(RuntimeError, match="both row_ids and col_ids"):
         ids = torch.arange(10)
-        torch.ops.selhn.partials_cpu(rows, cols, d, 0, ids, None, MARGIN, False, False)
+        torch.ops.selhn.partials(rows, cols, d, 0, ids, None, MARGIN, False, False)

@@ -147,7 +147,7 @@ def test_cuda_row_block_matches_chunked(deterministic):
     rows, row_ids = img[off : off + b], ids[off : off + b]
     d = positive_scores(img, txt)
     args = (rows, txt, d, off, row_ids, ids, MARGIN)
-    got = _cpp.CUDA_KERNELS.partials(*args, deterministic=deterministic)
+    got = _cpp.COMPILED_KERNELS.partials(*args, deterministic=deterministic)
     ref = ChunkedKernels().partials(*args)
     for a, c in zip(got, ref, strict=True):
         assert torch.equal(a.arg, c.arg) and torch.equal(a.active, c.active)
@@ -159,7 +159,7 @@ def test_cuda_row_block_matches_chunked(deterministic):
     gated_r = torch.rand(b, device="cuda", generator=gen) < 0.3
     gated_c = torch.rand(700, device="cuda", generator=gen) < 0.3
     full = (*args, coef_r, coef_c, gated_r, gated_c)
-    g_rows, g_cols = _cpp.CUDA_KERNELS.dense_backward(*full, deterministic=deterministic)
+    g_rows, g_cols = _cpp.COMPILED_KERNELS.dense_backward(*full, deterministic=deterministic)
     r_rows, r_cols = ChunkedKernels().dense_backward(*full)
     check_relative(g_rows, r_rows.double(), 1e-4, "grad rows")
     check_relative(g_cols, r_cols.double(), 1e-4, "grad cols")
@@ -172,7 +172,7 @@ def test_cuda_nan_propagates():
     img, txt = make_batch(130, 32, torch.float32, seed=2)
     img[3, 0] = float("nan")
     d = positive_scores(img, txt)
-    rows, cols = _cpp.CUDA_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+    rows, cols = _cpp.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
     assert torch.isnan(rows.max[3]) and rows.arg[3] == 0
     others = torch.arange(130, device="cuda") != 3
     assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()
