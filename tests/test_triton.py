@@ -526,10 +526,11 @@ def test_dense_backward_propagates_nan(path):
 
 def test_backward_path_switches():
     triton_mod = _kernels()
-    launch = triton_mod.launch
-    assert launch.BACKWARD_PATH == os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
+    from selhn_ext._triton import backward, config
+
+    assert config.BACKWARD_PATH == os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
     with backward_path("panel"):
-        assert launch.backward_path() == "panel"
+        assert config.backward_path() == "panel"
     img, txt = make_batch(20, 16, torch.float32, "collapsed", 2)
     d = positive_scores(img.detach(), txt.detach())
     coef = torch.ones(20, device=DEVICE)
@@ -540,17 +541,17 @@ def test_backward_path_switches():
     with backward_path("panel", panel_size=100), pytest.raises(ValueError, match="multiple"):
         triton_mod.KERNELS.dense_backward(*args)
     # P follows 2 D within its bounds, and never exceeds the anchors there are.
-    assert launch.panel_size(512, 16384) == 1024
-    assert launch.panel_size(200, 16384) == 512
-    assert launch.panel_size(16, 16384) == launch.PANEL_MIN
-    assert launch.panel_size(8192, 16384) == launch.PANEL_MAX
-    assert launch.panel_size(1024, 300) == 384
+    assert backward.panel_size(512, 16384) == 1024
+    assert backward.panel_size(200, 16384) == 512
+    assert backward.panel_size(16, 16384) == backward.PANEL_MIN
+    assert backward.panel_size(8192, 16384) == backward.PANEL_MAX
+    assert backward.panel_size(1024, 300) == 384
 
 
 def test_backward_path_comes_from_the_environment():
     """SELHN_TRITON_BACKWARD is read once at import; an unknown value is refused there."""
     _kernels()
-    code = "from selhn_ext._triton import launch; print(launch.backward_path())"
+    code = "from selhn_ext._triton import config; print(config.backward_path())"
     outputs = {}
     for value in ("panel", "bogus"):
         env = dict(os.environ, SELHN_TRITON_BACKWARD=value)

@@ -27,14 +27,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from selhn_ext._triton import kernels  # noqa: E402
-from selhn_ext._triton.launch import (  # noqa: E402
+from selhn_ext._triton import backward_kernels, forward_kernels  # noqa: E402
+from selhn_ext._triton.backward import (  # noqa: E402
     BACKWARD_PASSES,
     COMPACT_BLOCK,
-    CONFIGS,
     PANEL_GEMM_CONFIGS,
-    precision,
 )
+from selhn_ext._triton.config import CONFIGS, precision  # noqa: E402
 
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 # Arguments that are 1 for contiguous inputs: triton turns such values into constants.
@@ -86,7 +85,7 @@ def specializations(quick: bool = False):
         data = POINTER_TYPES[dtype]
         prec = precision(dtype, tf32)
         blocks = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PRECISION=prec, UPCAST=False)
-        fn = kernels.partials_kernel
+        fn = forward_kernels.partials_kernel
         pointers = {
             "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
             "row_ids_ptr": "*i64", "col_ids_ptr": "*i64",
@@ -99,7 +98,7 @@ def specializations(quick: bool = False):
             yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
                 cfg.num_stages  # fmt: skip
 
-        fn = kernels.dense_backward_kernel
+        fn = backward_kernels.dense_backward_kernel
         pointers = {
             "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
             "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "coef_ptr": "*fp32",
@@ -129,7 +128,7 @@ def specializations(quick: bool = False):
                         cfg.num_warps, cfg.num_stages  # fmt: skip
 
         # The panel backward (SELHN_TRITON_BACKWARD=panel): activity per side, two GEMMs.
-        fn = kernels.panel_activity_kernel
+        fn = backward_kernels.panel_activity_kernel
         pointers = {
             "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
             "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "gated_index_ptr": "*i32",
@@ -145,8 +144,8 @@ def specializations(quick: bool = False):
                 cfg.num_stages  # fmt: skip
         gemm = PANEL_GEMM_CONFIGS[dtype]
         gemm_blocks = dict(GM=gemm.GM, GD=gemm.GD, GK=gemm.GK, PRECISION=prec, UPCAST=False)
-        for fn, operand in ((kernels.panel_gated_grad_kernel, "other_ptr"),
-                            (kernels.panel_other_grad_kernel, "gated_ptr")):  # fmt: skip
+        for fn, operand in ((backward_kernels.panel_gated_grad_kernel, "other_ptr"),
+                            (backward_kernels.panel_other_grad_kernel, "gated_ptr")):  # fmt: skip
             pointers = {
                 "act_ptr": data, operand: data, "coef_ptr": "*fp32",
                 "gated_index_ptr": "*i32", "gated_count_ptr": "*i32", "grad_ptr": "*fp32",
@@ -155,7 +154,7 @@ def specializations(quick: bool = False):
             yield label, fn, _types(fn, pointers, ()), dict(gemm_blocks, REVERSE=False), \
                 gemm.num_warps, gemm.num_stages  # fmt: skip
 
-    fn = kernels.compact_kernel
+    fn = backward_kernels.compact_kernel
     pointers = {"flag_ptr": "*i8", "index_ptr": "*i32", "count_ptr": "*i32"}
     yield "compact", fn, _types(fn, pointers, ()), {"BLOCK": COMPACT_BLOCK}, 4, 1
 

@@ -1,236 +1,12 @@
-"""Triton kernels of the SelHN loss: fused passes over tiles of S = rows @ cols.T.
-
-No kernel stores S. Every tile is computed by ``_score_tile`` with the same block shape
-and K-loop order, in the forward and in the backward's recompute, so the backward sees
-the forward's active hinges bit for bit.
-
-Row / column maxima and their arguments are merged across programs with one packed
-64-bit key per anchor (``tl.atomic_max`` on int64):
-
-    key = orderable(max) << 32 | (0xFFFFFFFF - global_index)
-
-``orderable`` maps a float's bits to an int32 that sorts like the float, with -0.0 mapped
-to +0.0 and every NaN to the largest value, so the largest key holds the largest score
-(NaN first) and, among equal scores, the smallest index. ``NO_KEY`` (int64 min) means no
-valid negative was seen.
-"""
+"""The backward Triton kernels: device-side compaction of the gated anchors, and the
+off-diagonal gradient of the gated anchors through recomputed S tiles (see tile.py)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-INT32_MIN = tl.constexpr(-2147483648)
-INT32_MAX = tl.constexpr(2147483647)
-NO_KEY = tl.constexpr(-9223372036854775808)
-LOW_MASK = tl.constexpr(0xFFFFFFFF)
-
-
-@triton.jit
-def _block_ids(REVERSE: tl.constexpr):
-    """(axis-0, axis-1) program ids, visited in reverse when the test switch asks for it."""
-    pid0 = tl.program_id(0)
-    pid1 = tl.program_id(1)
-    if REVERSE:
-        pid0 = tl.num_programs(0) - 1 - pid0
-        pid1 = tl.num_programs(1) - 1 - pid1
-    return pid0, pid1
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. UPCAST: the interpreter multiplies bfloat16 wrongly (raw bits in numpy),
-    so there the exact fp32 upcast is used; compiled kernels always keep UPCAST off."""
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
-    return out
-
-
-@triton.jit
-def _score_tile(
-    rows_ptr,
-    cols_ptr,
-    row_mem,
-    col_mem,
-    row_ok,
-    col_ok,
-    D,
-    stride_rm,
-    stride_rk,
-    stride_cn,
-    stride_ck,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """S[row_mem, col_mem] in fp32; ``row_mem``/``col_mem`` are int64 memory rows."""
-    offs_k = tl.arange(0, BK)
-    a_ptrs = rows_ptr + row_mem[:, None] * stride_rm + offs_k[None, :] * stride_rk
-    b_ptrs = cols_ptr + col_mem[None, :] * stride_cn + offs_k[:, None] * stride_ck
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        k_ok = (k0 + offs_k) < D
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:  # see _mma; inlined here, the interpreter pays per helper call
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BK * stride_rk
-        b_ptrs += BK * stride_ck
-    return acc
-
-
-@triton.jit
-def _valid_pairs(
-    row_glob, col_glob, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_loc, col_mem, HAS_IDS
-):
-    """Valid negatives of a tile: in bounds, off the positive, and (with ids) other ids."""
-    valid = row_ok[:, None] & col_ok[None, :] & (row_glob[:, None] != col_glob[None, :])
-    if HAS_IDS:
-        rid = tl.load(row_ids_ptr + row_loc, mask=row_ok, other=0)
-        cid = tl.load(col_ids_ptr + col_mem, mask=col_ok, other=0)
-        valid = valid & (rid[:, None] != cid[None, :])
-    return valid
-
-
-@triton.jit
-def _orderable(s):
-    """int32 that sorts like the fp32 ``s``; -0.0 -> +0.0, NaN -> INT32_MAX."""
-    bits = s.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = tl.where(key == -1, 0, key)
-    return tl.where(s != s, INT32_MAX, key)
-
-
-@triton.jit
-def _pack(best, index):
-    """Packed key of an int32 orderable max and its int64 global index."""
-    key = (best.to(tl.int64) << 32) | (LOW_MASK - index)
-    return tl.where(best == INT32_MIN, NO_KEY, key)
-
-
-@triton.jit
-def _hinge(arg, valid):
-    """relu(arg) on valid pairs; written so that NaN survives (NaN <= 0 is false)."""
-    return tl.where(valid & ~(arg <= 0.0), arg, 0.0)
-
-
-@triton.jit
-def partials_kernel(
-    rows_ptr,
-    cols_ptr,
-    col_pos_ptr,
-    row_ids_ptr,
-    col_ids_ptr,
-    row_key_ptr,
-    row_sum_ptr,
-    row_cnt_ptr,
-    col_key_ptr,
-    col_sum_ptr,
-    col_cnt_ptr,
-    b,
-    N,
-    D,
-    row_offset,
-    stride_rm,
-    stride_rk,
-    stride_cn,
-    stride_ck,
-    margin,
-    n_row_blocks,
-    n_col_blocks,
-    col_blocks_per_split,
-    HAS_IDS: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-    REVERSE: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """Row and column statistics in one pass; grid (row programs P, column splits Q).
-
-    Program (p, q) visits row blocks p, p + P, ... and, for each, the column blocks of
-    split q. Keys and counts merge with integer atomics (order-free). Hinge sums: with
-    DETERMINISTIC off, float atomics into (b,) and (N,); with it on, row sums go to slot
-    q of a (Q, b) buffer and column sums to slot p of a (P, N) buffer, each slot owned by
-    one program and summed in a fixed order, so the caller reduces them in a fixed order.
-    """
-    pid_p, pid_q = _block_ids(REVERSE)
-    n_row_programs = tl.num_programs(0)
-    cb_start = pid_q * col_blocks_per_split
-    cb_stop = tl.minimum(cb_start + col_blocks_per_split, n_col_blocks)
-    arange_m = tl.arange(0, BM)
-    arange_n = tl.arange(0, BN)
-    row_slot = row_sum_ptr
-    col_slot = col_sum_ptr
-    if DETERMINISTIC:
-        row_slot = row_sum_ptr + tl.cast(pid_q, tl.int64) * b
-        col_slot = col_sum_ptr + tl.cast(pid_p, tl.int64) * N
-    for rb in range(pid_p, n_row_blocks, n_row_programs):
-        row_loc = tl.cast(rb, tl.int64) * BM + arange_m
-        row_ok = row_loc < b
-        row_glob0 = row_offset + tl.cast(rb, tl.int64) * BM
-        row_glob = row_offset + row_loc
-        d_row = tl.load(col_pos_ptr + row_glob, mask=row_ok, other=0.0)
-        run_key = tl.full((BM,), NO_KEY, dtype=tl.int64)
-        run_sum = tl.zeros((BM,), dtype=tl.float32)
-        run_cnt = tl.zeros((BM,), dtype=tl.int32)
-        for cb in range(cb_start, cb_stop):
-            col_glob0 = tl.cast(cb, tl.int64) * BN
-            col_glob = col_glob0 + arange_n
-            col_ok = col_glob < N
-            s = _score_tile(
-                rows_ptr, cols_ptr, row_loc, col_glob, row_ok, col_ok, D,
-                stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
-            )  # fmt: skip
-            valid = _valid_pairs(
-                row_glob, col_glob, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_loc,
-                col_glob, HAS_IDS,
-            )  # fmt: skip
-            order = tl.where(valid, _orderable(s), INT32_MIN)
-            shifted = margin + s
-
-            # Row direction: merge this tile into the running per-row statistics.
-            best = tl.max(order, axis=1)
-            first = tl.min(tl.where(order == best[:, None], arange_n[None, :], BN), axis=1)
-            run_key = tl.maximum(run_key, _pack(best, col_glob0 + first))
-            row_arg = shifted - d_row[:, None]
-            hinge = _hinge(row_arg, valid)
-            run_sum += tl.sum(hinge, axis=1)
-            run_cnt += tl.sum((hinge > 0.0).to(tl.int32), axis=1)  # NaN > 0 is false
-
-            # Column direction: this tile's partials, merged into the global ones now.
-            d_col = tl.load(col_pos_ptr + col_glob, mask=col_ok, other=0.0)
-            best_c = tl.max(order, axis=0)
-            first_c = tl.min(tl.where(order == best_c[None, :], arange_m[:, None], BM), axis=0)
-            key_c = _pack(best_c, row_glob0 + first_c)
-            tl.atomic_max(col_key_ptr + col_glob, key_c, mask=col_ok, sem="relaxed")
-            col_arg = shifted - d_col[None, :]
-            hinge_c = _hinge(col_arg, valid)
-            sum_c = tl.sum(hinge_c, axis=0)
-            cnt_c = tl.sum((hinge_c > 0.0).to(tl.int32), axis=0)
-            tl.atomic_add(col_cnt_ptr + col_glob, cnt_c, mask=col_ok, sem="relaxed")
-            if DETERMINISTIC:
-                old = tl.load(col_slot + col_glob, mask=col_ok, other=0.0)
-                tl.store(col_slot + col_glob, old + sum_c, mask=col_ok)
-                # The next row block may read these sums from other threads of the block.
-                tl.debug_barrier()
-            else:
-                tl.atomic_add(col_sum_ptr + col_glob, sum_c, mask=col_ok, sem="relaxed")
-
-        tl.atomic_max(row_key_ptr + row_loc, run_key, mask=row_ok, sem="relaxed")
-        tl.atomic_add(row_cnt_ptr + row_loc, run_cnt, mask=row_ok, sem="relaxed")
-        if DETERMINISTIC:
-            tl.store(row_slot + row_loc, run_sum, mask=row_ok)
-        else:
-            tl.atomic_add(row_sum_ptr + row_loc, run_sum, mask=row_ok, sem="relaxed")
+from .tile import block_ids, mma, score_tile, valid_pairs
 
 
 @triton.jit
@@ -323,7 +99,7 @@ def dense_backward_kernel(
     with cmax the block's largest |c|, so 16-bit operands neither underflow nor lose the
     coefficient's precision beyond one rounding.
     """
-    pid_outer, pid_split = _block_ids(REVERSE)
+    pid_outer, pid_split = block_ids(REVERSE)
     count = tl.load(gated_count_ptr)
     OUTER_IS_ROW: tl.constexpr = GATED_IS_ROW == OUTER_IS_GATED
     if OUTER_IS_ROW:
@@ -359,13 +135,13 @@ def dense_backward_kernel(
         row_mem, row_ok = _block_of(rb, b, gated_index_ptr, count, GATED_IS_ROW, BM)
         col_mem, col_ok = _block_of(cb, N, gated_index_ptr, count, GATED_IS_ROW == 0, BN)
         row_glob = row_offset + row_mem
-        s = _score_tile(
+        s = score_tile(
             rows_ptr, cols_ptr, row_mem, col_mem, row_ok, col_ok, D,
             stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
         )  # fmt: skip
         if COUNT_TILES:
             tl.atomic_add(tile_counter_ptr, 1)
-        valid = _valid_pairs(
+        valid = valid_pairs(
             row_glob, col_mem, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_mem, col_mem,
             HAS_IDS,
         )  # fmt: skip
@@ -398,13 +174,13 @@ def dense_backward_kernel(
                 other=0.0,
             )
             if GATED_IS_ROW:
-                g_rows = _mma(act, x_cols, zero_rows, PRECISION, UPCAST) * coef[:, None]
+                g_rows = mma(act, x_cols, zero_rows, PRECISION, UPCAST) * coef[:, None]
                 scaled = (x_rows.to(tl.float32) * scale[:, None]).to(dtype)
-                g_cols = _mma(tl.trans(act), scaled, zero_cols, PRECISION, UPCAST) * cmax
+                g_cols = mma(tl.trans(act), scaled, zero_cols, PRECISION, UPCAST) * cmax
             else:
-                g_cols = _mma(tl.trans(act), x_rows, zero_cols, PRECISION, UPCAST) * coef[:, None]
+                g_cols = mma(tl.trans(act), x_rows, zero_cols, PRECISION, UPCAST) * coef[:, None]
                 scaled = (x_cols.to(tl.float32) * scale[:, None]).to(dtype)
-                g_rows = _mma(act, scaled, zero_rows, PRECISION, UPCAST) * cmax
+                g_rows = mma(act, scaled, zero_rows, PRECISION, UPCAST) * cmax
             if WRITE_ROWS:
                 out = grad_rows_ptr + row_mem[:, None] * D + d_idx[None, :]
                 _accumulate(out, g_rows, row_tile_ok, ATOMIC)
@@ -455,12 +231,12 @@ def panel_activity_kernel(
     """act[g, o] = 1[hinge of gated anchor panel_start + g against o active], else 0.
 
     Grid (gated blocks of the panel, blocks of the other side). The gated side is read
-    through its compacted index list; S comes from ``_score_tile`` with the forward's
+    through its compacted index list; S comes from ``score_tile`` with the forward's
     tiling, so the activity is the forward's bit for bit. ``act`` is row-major
     (P, n_other) with n_other = N for gated rows and b for gated columns. Programs whose
     gated block starts past the device-side count store nothing.
     """
-    pid_gated, pid_other = _block_ids(REVERSE)
+    pid_gated, pid_other = block_ids(REVERSE)
     count = tl.load(gated_count_ptr)
     if GATED_IS_ROW:
         rb = panel_start // BM + pid_gated
@@ -474,13 +250,13 @@ def panel_activity_kernel(
         row_mem, row_ok = _block_of(rb, b, gated_index_ptr, count, GATED_IS_ROW, BM)
         col_mem, col_ok = _block_of(cb, N, gated_index_ptr, count, GATED_IS_ROW == 0, BN)
         row_glob = row_offset + row_mem
-        s = _score_tile(
+        s = score_tile(
             rows_ptr, cols_ptr, row_mem, col_mem, row_ok, col_ok, D,
             stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
         )  # fmt: skip
         if COUNT_TILES:
             tl.atomic_add(tile_counter_ptr, 1)
-        valid = _valid_pairs(
+        valid = valid_pairs(
             row_glob, col_mem, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_mem, col_mem,
             HAS_IDS,
         )  # fmt: skip
@@ -524,7 +300,7 @@ def panel_gated_grad_kernel(
     its output tile (compacted indices are unique), and the product of the exact 0/1
     activity is scaled by the fp32 coefficient after the fp32 accumulation.
     """
-    pid_g, pid_d = _block_ids(REVERSE)
+    pid_g, pid_d = block_ids(REVERSE)
     count = tl.load(gated_count_ptr)
     g_loc = tl.cast(pid_g, tl.int64) * GM + tl.arange(0, GM)
     if panel_start + pid_g * GM < count:
@@ -548,7 +324,7 @@ def panel_gated_grad_kernel(
                 mask=o_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(a, x, acc, PRECISION, UPCAST)
+            acc = mma(a, x, acc, PRECISION, UPCAST)
         coef = tl.load(coef_ptr + mem, mask=g_ok, other=0.0)
         out = grad_ptr + mem[:, None] * D + d_idx[None, :]
         out_ok = g_ok[:, None] & d_ok[None, :]
@@ -583,7 +359,7 @@ def panel_other_grad_kernel(
     GK anchors scales its operand by coef / max|coef| of those anchors and the product
     back by that max, so 16-bit operands neither underflow nor lose the coefficient.
     """
-    pid_o, pid_d = _block_ids(REVERSE)
+    pid_o, pid_d = block_ids(REVERSE)
     count = tl.load(gated_count_ptr)
     n_gated = tl.minimum(count - panel_start, panel_size)
     if n_gated > 0:
@@ -617,7 +393,7 @@ def panel_other_grad_kernel(
                 other=0.0,
             )
             scaled = (x.to(tl.float32) * (coef / cmax)[:, None]).to(dtype)
-            acc += _mma(a_t, scaled, zero, PRECISION, UPCAST) * cmax
+            acc += mma(a_t, scaled, zero, PRECISION, UPCAST) * cmax
         out = grad_ptr + o[:, None] * D + d_idx[None, :]
         out_ok = o_ok[:, None] & d_ok[None, :]
         tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc, mask=out_ok)

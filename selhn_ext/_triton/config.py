@@ -1,0 +1,153 @@
+"""Host side of the Triton backend shared by the forward and backward launchers: block
+configurations, grid splits, test switches and argument preparation.
+
+Nothing in the launchers synchronises with the device: grids are sized from shapes only
+(worst case where a device-side count decides the work), and every O(B) finish (key
+decoding, the fixed-order sum of deterministic slots) is a plain PyTorch op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+# Read once, like dispatch.py: the interpreter is chosen before triton is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+# The dense backward: "tiles" (each recomputed tile adds its products into the gradients;
+# float atomics unless deterministic) or "panel" (panels of gated anchors, tensor-core
+# GEMMs with owned output tiles, no float atomics: deterministic by construction).
+BACKWARD_PATHS = ("tiles", "panel")
+BACKWARD_PATH = os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
+if BACKWARD_PATH not in BACKWARD_PATHS:
+    raise ValueError(
+        f"SELHN_TRITON_BACKWARD must be one of {', '.join(BACKWARD_PATHS)}, got {BACKWARD_PATH!r}"
+    )
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One tiling per input dtype; the backward recomputes S with the same one."""
+
+    BM: int  # rows of S per tile
+    BN: int  # columns of S per tile
+    BK: int  # K step of the S product
+    BD: int  # embedding columns per step of the gradient products
+    num_warps: int
+    num_stages: int
+
+
+# Large blocks: tensor-core friendly on sm_90 and few programs in the interpreter. Every
+# tl.dot dimension is >= 16, which the sm_90 compiler requires.
+CONFIGS: dict[torch.dtype, BlockConfig] = {
+    torch.bfloat16: BlockConfig(BM=128, BN=128, BK=64, BD=64, num_warps=8, num_stages=3),
+    torch.float16: BlockConfig(BM=128, BN=128, BK=64, BD=64, num_warps=8, num_stages=3),
+    torch.float32: BlockConfig(BM=64, BN=64, BK=32, BD=64, num_warps=4, num_stages=3),
+}
+
+
+# Column splits of the forward / inner splits of the backward: enough programs to fill
+# the GPU (a multiple of its SM count); on CPU (the interpreter) a few, so that merging
+# across splits is always exercised.
+PROGRAMS_PER_SM = 4
+CPU_SPLITS = 3
+# Deterministic forward: row programs each own one slot of the (P, N) column-sum buffer.
+DETERMINISTIC_ROW_PROGRAMS_CUDA = 64
+DETERMINISTIC_ROW_PROGRAMS_CPU = 2
+
+
+@dataclass
+class TestingSwitches:
+    """Test-only switches; both change kernel specializations, neither is for production.
+
+    ``reverse_block_order``: every kernel visits its program ids in reverse order.
+    ``tile_counter``: a (1,) int32 device tensor the backward kernels increment once per
+    recomputed S tile.
+    ``backward``: "tiles" or "panel" overrides SELHN_TRITON_BACKWARD (None: use it).
+    ``panel_size``: the panel backward's P (a positive multiple of PANEL_UNIT), so that
+    small batches span several panels (None: ``panel_size()``).
+    """
+
+    reverse_block_order: bool = False
+    tile_counter: Tensor | None = None
+    backward: str | None = None
+    panel_size: int | None = None
+
+
+testing = TestingSwitches()
+
+
+def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """tl.dot input precision: IEEE fp32 unless TF32 is allowed (16-bit inputs ignore it)."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Under the interpreter, bfloat16 products go through an exact fp32 upcast."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def block_config(dtype: torch.dtype) -> BlockConfig:
+    if dtype not in CONFIGS:
+        raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
+    return CONFIGS[dtype]
+
+
+def backward_path() -> str:
+    """The dense backward in use: the test switch if set, else SELHN_TRITON_BACKWARD."""
+    path = testing.backward if testing.backward is not None else BACKWARD_PATH
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {path!r}")
+    return path
+
+
+def sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def column_splits(outer_blocks: int, inner_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, inner blocks per split) with no empty split."""
+    sms = sm_count(device)
+    if sms is None:
+        wanted = CPU_SPLITS
+    else:
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(outer_blocks, 1))
+    wanted = max(1, min(wanted, inner_blocks))
+    per_split = triton.cdiv(inner_blocks, wanted)
+    return triton.cdiv(inner_blocks, per_split), per_split
+
+
+def ids_or_placeholder(ids: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
+    """ids as contiguous int64 (one kernel specialization), or an empty int64 placeholder."""
+    if ids is None:
+        return torch.empty(0, dtype=torch.int64, device=device), False
+    return ids.to(torch.int64).contiguous(), True
+
+
+def check_block(
+    rows: Tensor, cols: Tensor, col_pos: Tensor, row_offset: int, row_ids, col_ids
+) -> None:
+    if (row_ids is None) != (col_ids is None):
+        raise ValueError("row_ids and col_ids must be given together")
+    if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
+        raise ValueError(
+            f"rows and cols must be (b, D) and (N, D), got {tuple(rows.shape)} and "
+            f"{tuple(cols.shape)}"
+        )
+    if rows.dtype != cols.dtype:
+        raise TypeError(f"rows and cols must share a dtype, got {rows.dtype} and {cols.dtype}")
+    if col_pos.shape != (cols.shape[0],):
+        raise ValueError(f"col_pos must have shape ({cols.shape[0]},), got {tuple(col_pos.shape)}")
+    if not 0 <= row_offset <= cols.shape[0] - rows.shape[0]:
+        raise ValueError(
+            f"row_offset {row_offset} puts rows outside the {cols.shape[0]} columns "
+            f"(b = {rows.shape[0]})"
+        )
+    if cols.shape[0] >= 2**32:
+        raise ValueError("the packed keys hold indices below 2**32")

@@ -1,0 +1,120 @@
+"""Shared Triton building blocks of the SelHN kernels: one S tile, validity, packed keys.
+
+No kernel stores S. Every tile is computed by ``score_tile`` with the same block shape
+and K-loop order, in the forward and in the backward's recompute, so the backward sees
+the forward's active hinges bit for bit.
+
+Row / column maxima and their arguments are merged across programs with one packed
+64-bit key per anchor (``tl.atomic_max`` on int64):
+
+    key = orderable(max) << 32 | (0xFFFFFFFF - global_index)
+
+``orderable`` maps a float's bits to an int32 that sorts like the float, with -0.0 mapped
+to +0.0 and every NaN to the largest value, so the largest key holds the largest score
+(NaN first) and, among equal scores, the smallest index. ``NO_KEY`` (int64 min) means no
+valid negative was seen.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INT32_MIN = tl.constexpr(-2147483648)
+INT32_MAX = tl.constexpr(2147483647)
+NO_KEY = tl.constexpr(-9223372036854775808)
+LOW_MASK = tl.constexpr(0xFFFFFFFF)
+
+
+@triton.jit
+def block_ids(REVERSE: tl.constexpr):
+    """(axis-0, axis-1) program ids, visited in reverse when the test switch asks for it."""
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    if REVERSE:
+        pid0 = tl.num_programs(0) - 1 - pid0
+        pid1 = tl.num_programs(1) - 1 - pid1
+    return pid0, pid1
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: the interpreter multiplies bfloat16 wrongly (raw bits in numpy),
+    so there the exact fp32 upcast is used; compiled kernels always keep UPCAST off."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def score_tile(
+    rows_ptr,
+    cols_ptr,
+    row_mem,
+    col_mem,
+    row_ok,
+    col_ok,
+    D,
+    stride_rm,
+    stride_rk,
+    stride_cn,
+    stride_ck,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """S[row_mem, col_mem] in fp32; ``row_mem``/``col_mem`` are int64 memory rows."""
+    offs_k = tl.arange(0, BK)
+    a_ptrs = rows_ptr + row_mem[:, None] * stride_rm + offs_k[None, :] * stride_rk
+    b_ptrs = cols_ptr + col_mem[None, :] * stride_cn + offs_k[:, None] * stride_ck
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k_ok = (k0 + offs_k) < D
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:  # see mma; inlined here, the interpreter pays per helper call
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BK * stride_rk
+        b_ptrs += BK * stride_ck
+    return acc
+
+
+@triton.jit
+def valid_pairs(
+    row_glob, col_glob, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_loc, col_mem, HAS_IDS
+):
+    """Valid negatives of a tile: in bounds, off the positive, and (with ids) other ids."""
+    valid = row_ok[:, None] & col_ok[None, :] & (row_glob[:, None] != col_glob[None, :])
+    if HAS_IDS:
+        rid = tl.load(row_ids_ptr + row_loc, mask=row_ok, other=0)
+        cid = tl.load(col_ids_ptr + col_mem, mask=col_ok, other=0)
+        valid = valid & (rid[:, None] != cid[None, :])
+    return valid
+
+
+@triton.jit
+def orderable(s):
+    """int32 that sorts like the fp32 ``s``; -0.0 -> +0.0, NaN -> INT32_MAX."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(key == -1, 0, key)
+    return tl.where(s != s, INT32_MAX, key)
+
+
+@triton.jit
+def pack(best, index):
+    """Packed key of an int32 orderable max and its int64 global index."""
+    key = (best.to(tl.int64) << 32) | (LOW_MASK - index)
+    return tl.where(best == INT32_MIN, NO_KEY, key)
+
+
+@triton.jit
+def hinge(arg, valid):
+    """relu(arg) on valid pairs; written so that NaN survives (NaN <= 0 is false)."""
+    return tl.where(valid & ~(arg <= 0.0), arg, 0.0)
