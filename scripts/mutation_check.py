@@ -76,6 +76,14 @@ MUTANTS = [
         "the column-direction tile max ignores a NaN met after a finite value",
     ),
     Mutant(
+        "nan-key-cpp",
+        "csrc/selhn_tile_math.h",
+        "  if (is_nan(v)) return 0xFFFFFFFFu;",
+        "  if (is_nan(v)) return 1u;",
+        ((EXACT, "-k", "cpu and nan"), (CPU, "-k", "nan")),
+        "the packed fp32 max key puts NaN below every number (lost when tiles are merged)",
+    ),
+    Mutant(
         "hinge-at-zero-cpp",
         "csrc/selhn_tile_math.h",
         "SELHN_HD bool hinge_active(T x) {\n  return x > T(0);",
