@@ -76,7 +76,9 @@ def eps_gating(img, txt, ids, fraction):
     return stats.gap.abs().flatten().nan_to_num(1.0).quantile(fraction).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"]
+)
 @pytest.mark.parametrize("fraction,mode", REGIMES)
 def test_cpu_deterministic_bits_do_not_depend_on_threads_or_tile_order(fraction, mode, dtype):
     require_backend("cpu", "cpu", dtype)
