@@ -257,7 +257,7 @@ MUTANTS = [
         "selhn_ext/distributed.py",
         "deterministic=options.deterministic,",
         "deterministic=False,",
-        ((DIST, "-k", "determinism"),),
+        ((DIST, "-k", "deterministic_bits"),),
         "the distributed loss runs its kernels non-deterministically whatever the flag",
         count=2,
     ),

@@ -201,9 +201,9 @@ def nan_batch(batch: int, seed: int) -> torch.Tensor:
     return s
 
 
-# 9 pairs: one tile. 150 pairs: several row and column tiles of the C++ kernel (64 x 128)
-# and of the Triton kernels, so maxima from different tiles are merged in both
-# directions; in fp32 and fp64 only.
+# 9 pairs: one tile, a positive NaN. 150 pairs: several row and column tiles of the C++
+# kernel (64 x 128) and of the Triton kernels, so maxima from different tiles are merged
+# in both directions, and a negative NaN; in fp32 and fp64 only.
 NAN_CASES = backend_dtype_cases(
     [F64, F32, BF16, F16],
     extra=[(batch, where) for batch in (9, 150) for where in ("img", "txt")],
@@ -223,7 +223,12 @@ def test_one_nan_poisons_exactly_the_anchors_that_see_it(backend, dtype, batch, 
     # meets after a finite value must show here.
     r = batch // 2 + 1
     img, txt = exact_inputs(s, dtype, device)
-    (img if where == "img" else txt)[r, batch // 3] = float("nan")
+    # Both signs of NaN (x86 arithmetic makes negative ones, Python positive ones): a rule
+    # that orders a NaN by its bits would put the negative one below every number.
+    negative = batch > 9
+    target = img if where == "img" else txt
+    target[r, batch // 3] = -float("nan") if negative else float("nan")
+    assert bool(torch.signbit(target[r, batch // 3])) == negative
     s_nan = s.clone()
     if where == "img":
         s_nan[r, :] = float("nan")
