@@ -166,18 +166,17 @@ def choose_triton_backward(variant: str) -> None:
 
 def memory_statement(plan: list[Case], device: torch.device, isolate: bool, args) -> str:
     """The estimate of what the plan needs at once, and a warning if that is not free."""
-    if device.type == "cuda":
-        need = memory.plan_memory(plan, base_bytes=0, limit_bytes=None)
-        where = "GPU memory"
-    else:
-        import selhn_ext  # noqa: F401  (a child loads it too: count it in the base)
-
-        own = memory.proc_status_bytes("VmRSS")
-        limit = int(args.mem_limit_gib * memory.GIB) if isolate else None
-        need = memory.plan_memory(plan, own, limit, parent_bytes=own if isolate else 0)
-        where = "RAM"
-    text = need.describe(where)
     free = memory.available_bytes(device)
+    if device.type == "cuda":
+        # A case over the free device memory fails alone with oom; the run goes on.
+        need = memory.plan_memory(plan, base_bytes=0, limit_bytes=free)
+        return need.describe("GPU memory (the limit: what is free now)")
+    import selhn_ext  # noqa: F401  (a child loads it too: count it in the base)
+
+    own = memory.proc_status_bytes("VmRSS")
+    limit = int(args.mem_limit_gib * memory.GIB) if isolate else None
+    need = memory.plan_memory(plan, own, limit, parent_bytes=own if isolate else 0)
+    text = need.describe("RAM")
     if free is not None and need.peak_bytes > free:
         text += (
             f". WARNING: only {free / memory.GIB:.1f} GiB is free now; lower --mem-limit-gib "
