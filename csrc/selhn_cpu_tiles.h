@@ -63,9 +63,9 @@ void visit_tiles(const Problem<T>& p, Owner owner, bool ascending, bool strips, 
   const bool reverse = g_reverse_tile_order.load();
   const int threads = at::get_num_threads();
   const bool by_rows = owner == Owner::kRowGroups;
-  // Row tiles per group share each packed column tile (up to 4, 256 rows: with the column
-  // tile they stay in a core's L2 cache), as long as every thread still gets a group.
-  const int64_t group = by_rows ? std::clamp<int64_t>(n_rt / std::max(threads, 1), 1, 4) : 1;
+  // Row tiles per group share each packed column tile (up to 8, 512 rows, so packing a
+  // column tile costs little per tile), as long as every thread still gets a group.
+  const int64_t group = by_rows ? std::clamp<int64_t>(n_rt / std::max(threads, 1), 1, 8) : 1;
   const int64_t n_units = by_rows ? (n_rt + group - 1) / group : n_ct;
   auto unit_rows = [&](int64_t u) {
     return by_rows ? std::make_pair(u * group, std::min(n_rt, (u + 1) * group))

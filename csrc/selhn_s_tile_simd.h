@@ -66,13 +66,14 @@ template <class Ops>
 void pack_strips(const typename Ops::T* x, int64_t n, int64_t dim, typename Ops::T* out) {
   using T = typename Ops::T;
   constexpr int64_t NR = panel_width<Ops>();
-  for (int64_t j0 = 0; j0 < dim; j0 += NR) {
-    T* strip = out + j0 * n;
-    const int64_t count = std::min(NR, dim - j0);
-    for (int64_t k = 0; k < n; ++k) {
+  for (int64_t k = 0; k < n; ++k) {  // each source row once, in order
+    const T* src = x + k * dim;
+    for (int64_t j0 = 0; j0 < dim; j0 += NR) {
+      T* dst = out + j0 * n + k * NR;
+      const int64_t count = std::min(NR, dim - j0);
       int64_t c = 0;
-      for (; c < count; ++c) strip[k * NR + c] = x[k * dim + j0 + c];
-      for (; c < NR; ++c) strip[k * NR + c] = T(0);
+      for (; c < count; ++c) dst[c] = src[j0 + c];
+      for (; c < NR; ++c) dst[c] = T(0);
     }
   }
 }

@@ -524,7 +524,9 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
         gated_r, gated_c,
     )  # fmt: skip
     for got, want in zip(out[-2:], grads, strict=True):
-        assert_close(got, want, 1e-4 if dtype == torch.float32 else 1e-11, "gradient")
+        scale = want.abs().max().item()  # relative to the gradient's size (not all zero)
+        assert scale > 0
+        assert_close(got, want, (1e-5 if dtype == torch.float32 else 1e-12) * scale, "gradient")
     with pytest.raises(RuntimeError, match="not available"):
         simd_path("sse9")
 
