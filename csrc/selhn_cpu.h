@@ -3,7 +3,8 @@
 //                          and weights, per instruction set, and the choice among them;
 //   selhn_cpu_forward.cpp  the forward statistics (partials);
 //   selhn_cpu_backward.cpp the dense (gated) backward;
-//   selhn_cpu.cpp          the op entry points, input checks and test hooks.
+//   selhn_cpu.cpp          the op entry points, input checks and test hooks;
+//   selhn_cpu_avx512_emulated.cpp  test only: the AVX-512 kernels built over SIMDe.
 // selhn_cpu_tiles.h holds the one tile visitor (the OpenMP loop skeleton) both passes use.
 //
 // How S is computed so every path and every blocking gives the same bits, and in which
