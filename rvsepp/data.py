@@ -588,6 +588,8 @@ def build_vocabulary(
         return Vocabulary.build(train[0], source=train[1], tokenizer=config.tokenizer)
     from .precomp import read_text_lines, split_files
 
+    if getattr(train_split, "data_dir", None) is None:
+        raise ValueError("vocab_build 'scan' reads the dev captions beside the training split")
     dev_path = split_files(train_split.data_dir, "dev").captions
     if not dev_path.is_file():
         raise FileNotFoundError(
