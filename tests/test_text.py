@@ -78,20 +78,35 @@ def generated_captions(count: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture
 def nltk_word_tokenize(tmp_path, monkeypatch):
-    """NLTK's own ``word_tokenize``, unmodified, reading the English ``punkt_tab`` files
-    that NLTK's ``save_punkt_params`` writes from our tables into a temporary data folder."""
+    """NLTK's own ``word_tokenize``, unmodified, reading our English tables from a temporary
+    data folder the way the installed NLTK reads its model: the ``punkt_tab`` files written
+    by NLTK's ``save_punkt_params`` (NLTK >= 3.8.2), or the pickled tokenizer older releases
+    load (NLTK 3.5, the version the released code pinned)."""
+    import pickle
+
     import nltk.data
     import nltk.tokenize
-    from nltk.tokenize.punkt import save_punkt_params
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-    folder = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab"
-    folder.mkdir(parents=True)
-    # NLTK writes and reads data only under the folders of its search path.
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
-    save_punkt_params(english_punkt_parameters(), dir=str(folder / "english"))
-    nltk.tokenize._get_punkt_tokenizer.cache_clear()
+    root = tmp_path / "nltk_data"
+    # NLTK reads (and writes) data only under the folders of its search path.
+    monkeypatch.setattr(nltk.data, "path", [str(root)])
+    cached = getattr(nltk.tokenize, "_get_punkt_tokenizer", None)
+    if cached is not None:
+        from nltk.tokenize.punkt import save_punkt_params
+
+        (root / "tokenizers" / "punkt_tab").mkdir(parents=True)
+        folder = root / "tokenizers" / "punkt_tab" / "english"
+        save_punkt_params(english_punkt_parameters(), dir=str(folder))
+        cached.cache_clear()
+    else:
+        folder = root / "tokenizers" / "punkt" / "PY3"  # where NLTK 3.5 looks on Python 3
+        folder.mkdir(parents=True)
+        splitter = PunktSentenceTokenizer(english_punkt_parameters())
+        (folder / "english.pickle").write_bytes(pickle.dumps(splitter))
     yield nltk.tokenize.word_tokenize
-    nltk.tokenize._get_punkt_tokenizer.cache_clear()
+    if cached is not None:
+        cached.cache_clear()
 
 
 def test_nltk_tokenizer_equals_nltk_word_tokenize(nltk_word_tokenize):
