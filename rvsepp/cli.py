@@ -214,19 +214,6 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_metrics_table(metrics: dict[str, float], title: str) -> str:
-    """A small table: one row per direction with R@1, R@5, R@10, medr, meanr; then rsum."""
-    lines = [title, f"{'':<6}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}"]
-    for direction in ("i2t", "t2i"):
-        cells = "".join(f"{metrics[f'{direction}_r{k}']:>8.2f}" for k in (1, 5, 10))
-        lines.append(
-            f"{direction:<6}{cells}{metrics[f'{direction}_medr']:>8.1f}"
-            f"{metrics[f'{direction}_meanr']:>9.2f}"
-        )
-    lines.append(f"rsum {metrics['rsum']:.2f}")
-    return "\n".join(lines)
-
-
 def _command_eval(args: argparse.Namespace) -> int:
     import torch
 
