@@ -151,6 +151,7 @@ def plot(out: Path) -> Path:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colors = {"selhn": "tab:blue", "hardest": "tab:red", "warmup": "tab:green"}
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -179,11 +180,13 @@ def plot(out: Path) -> Path:
                               color=color, alpha=0.15)  # fmt: skip
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.legend(fontsize=8)
     figure.suptitle(
-        "RVSE++ BiGRU from scratch on the emoji features, the paper's recipe "
-        "(image and caption anchors averaged; mean over seeds, range shaded)",
-        fontsize=10,
+        "RVSE++ BiGRU from scratch on the emoji features, the paper's recipe (image and "
+        "caption anchors averaged; mean over seeds, range shaded; warmup's first epoch, the "
+        "sum of hinges, counts every anchor as gated)",
+        fontsize=9,
     )
     figure.tight_layout()
     path = out / "fractions.png"
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_one(mode, seed, args.epochs, args.lr_decay_epoch, features, args.work,
                         args.out)  # fmt: skip
     rows = collect_rows(args.out)
+    if not rows:
+        print(f"no finished run under {args.out / 'runs'}")
+        return 1
     write_summary(rows, args.out)
     print(write_table(rows, args.out))
     print(f"figure: {plot(args.out)}")
