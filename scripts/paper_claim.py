@@ -19,8 +19,8 @@ Writes under ``--out``:
 
 Usage (from the repository root)::
 
-    python scripts/paper_claim.py --out results/paper_claim --seeds 0 1 2 --epochs 30
-    python scripts/paper_claim.py --out results/paper_claim --summarize-only
+    python scripts/paper_claim.py --out scripts/results/paper_claim --seeds 0 1 2 --epochs 30
+    python scripts/paper_claim.py --out scripts/results/paper_claim --summarize-only
 
 Runs use one CPU thread: on a shared 2-core machine two threads made the small GRUs up to
 20x slower (OpenMP threads waiting for each other), and the results do not depend on it.
@@ -197,7 +197,7 @@ def plot(out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/paper_claim"))
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/paper_claim"))
     parser.add_argument(
         "--work",
         type=Path,
