@@ -47,6 +47,7 @@ class Mutant:
     tests: tuple[tuple[str, ...], ...]  # pytest invocations, most specific first
     bug: str
     count: int = 1  # how many times ``old`` occurs (every occurrence is replaced)
+    needs_gpu: bool = False  # only a CUDA build and device run the code it changes
 
 
 EXACT = "tests/test_backends_exact.py"
@@ -56,24 +57,32 @@ CPU = "tests/test_cpu_kernel.py"
 DIST = "tests/test_distributed.py"
 DET = "tests/test_determinism.py"
 MEM = "tests/test_memory.py"
-TRITON = "tests/test_triton.py"
+CUDA_TESTS = "tests/test_cuda_kernel.py"
+
+# The tile fold's "candidate beats the lane's best" mask (csrc/selhn_fold_simd.h).
+TILE_BETTER = (
+    "      const M better = F::and_(valid, F::or_(F::or_(F::negative(best_pos), "
+    "F::gt(v, best)),\n"
+    "                                             F::andnot(F::is_nan(v), F::is_nan(best))));\n"
+)
 
 MUTANTS = [
     # ------------------------------------------------------------- the C++ CPU kernel
     Mutant(
         "nan-row-max-cpp",
-        "csrc/selhn_cpu.cpp",
-        "if (pos < 0 || v > value || (is_nan(v) && !is_nan(value))) {",
-        "if (pos < 0 || v > value) {",
+        "csrc/selhn_fold_simd.h",
+        TILE_BETTER + "      best = F::select(better, v, best);",
+        "      const M better = F::and_(valid, F::or_(F::negative(best_pos), F::gt(v, best)));\n"
+        "      best = F::select(better, v, best);",
         ((EXACT, "-k", "cpu and nan"), (CPU, "-k", "nan"), (API, "-k", "nan and cpu")),
         "the row-direction tile max ignores a NaN met after a finite value",
     ),
     Mutant(
         "nan-col-max-cpp",
-        "csrc/selhn_cpu.cpp",
-        "if (cols.best_pos[j] < 0 || v > cols.best_value[j] ||\n"
-        "            (is_nan(v) && !is_nan(cols.best_value[j]))) {",
-        "if (cols.best_pos[j] < 0 || v > cols.best_value[j]) {",
+        "csrc/selhn_fold_simd.h",
+        TILE_BETTER + "      F::store(col->best_value + j, F::select(better, v, best));",
+        "      const M better = F::and_(valid, F::or_(F::negative(best_pos), F::gt(v, best)));\n"
+        "      F::store(col->best_value + j, F::select(better, v, best));",
         ((EXACT, "-k", "cpu and nan"), (CPU, "-k", "nan")),
         "the column-direction tile max ignores a NaN met after a finite value",
     ),
@@ -86,54 +95,76 @@ MUTANTS = [
         "the packed fp32 max key puts NaN below every number (lost when tiles are merged)",
     ),
     Mutant(
-        "hinge-at-zero-cpp",
+        "hinge-at-zero-forward-cpp",
+        "csrc/selhn_fold_simd.h",
+        "      const M positive = F::gt(arg, zero);",
+        "      const M positive = F::or_(F::gt(arg, zero), F::andnot(valid, F::nonzero(arg)));",
+        ((EXACT, "-k", "cpu and zero"), (CPU,)),
+        "the forward counts a hinge at exactly zero as active (the diagonal's count)",
+        count=2,
+    ),
+    Mutant(
+        "hinge-at-zero-backward-cpp",
+        "csrc/selhn_fold_simd.h",
+        "const M row_active = F::and_(valid, F::gt(F::sub(base, d_row), zero));",
+        "const M row_active = F::and_(valid, F::or_(F::gt(F::sub(base, d_row), zero), "
+        "F::andnot(valid, F::nonzero(F::sub(base, d_row)))));",
+        ((EXACT, "-k", "cpu and zero"), (CPU,)),
+        "the gated backward weights a row hinge at exactly zero",
+    ),
+    Mutant(
+        "hinge-at-zero-tile-math",
         "csrc/selhn_tile_math.h",
         "SELHN_HD bool hinge_active(T x) {\n  return x > T(0);",
         "SELHN_HD bool hinge_active(T x) {\n  return x >= T(0);",
-        ((EXACT, "-k", "cpu and zero"), (CPU,)),
-        "a hinge counts as active at exactly zero (>= instead of >)",
+        ((EXACT, "-k", "cuda and zero"), (CUDA_TESTS,)),
+        "the CUDA kernel counts a hinge at exactly zero as active (>= in selhn_tile_math.h)",
+        needs_gpu=True,
     ),
     Mutant(
         "zero-16bit-gated-grad-cpp",
         "csrc/selhn_cpu.cpp",
-        "  });\n  return {grad_rows, grad_cols};\n}",
-        "  });\n  if (rows.scalar_type() == at::kHalf || rows.scalar_type() == at::kBFloat16) {\n"
-        "    grad_rows.zero_();\n    grad_cols.zero_();\n  }\n  return {grad_rows, grad_cols};\n}",
+        "  grad_cols.index_copy_(0, col_order, grad_cols_p);\n  return {grad_rows, grad_cols};",
+        "  grad_cols.index_copy_(0, col_order, grad_cols_p);\n"
+        "  if (rows.scalar_type() == at::kHalf || rows.scalar_type() == at::kBFloat16) {\n"
+        "    grad_rows.zero_();\n    grad_cols.zero_();\n  }\n  return {grad_rows, grad_cols};",
         ((EXACT, "-k", "cpu and gradients"), (API, "-k", "16bit and cpu"), (CPU,)),
         "the gated (dense) gradient is zero for 16-bit inputs",
     ),
     Mutant(
         "tie-rule-cpp",
-        "csrc/selhn_cpu.cpp",
-        "if (pos < 0 || v > value || (is_nan(v) && !is_nan(value))) {",
-        "if (pos < 0 || v >= value || (is_nan(v) && !is_nan(value))) {",
+        "csrc/selhn_tile_math.h",
+        "  return i < best_i;",
+        "  return i > best_i;",
         ((API, "-k", "tie and cpu"), (CPU, "-k", "tie")),
-        "a row tie goes to the larger index",
+        "a tie between lanes (and in fp64 between tiles) goes to the larger index",
     ),
     Mutant(
         "ids-masking-cpp",
-        "csrc/selhn_cpu.cpp",
-        "    return c0 + j != p.row_offset + r0 + i &&\n"
-        "           (!has_ids || p.row_ids[r0 + i] != p.col_ids[c0 + j]);",
-        "    return c0 + j != p.row_offset + r0 + i;",
+        "csrc/selhn_fold_simd.h",
+        "  if (p.row_ids != nullptr) "
+        "m = F::ids_differ(m, p.row_ids[t.r0 + i], p.col_ids + t.c0 + j);\n",
+        "",
         ((EXACT, "-k", "cpu and zero"), (API, "-k", "cpu"), (CPU,)),
-        "the forward tile fold ignores ids (same-id pairs count as negatives)",
+        "the tile kernels ignore ids (same-id pairs count as negatives)",
     ),
     Mutant(
         "row-offset-cpp",
         "csrc/selhn_cpu.cpp",
-        "    return c0 + j != p.row_offset + r0 + i &&",
-        "    return c0 + j != r0 + i &&",
+        "std::iota(diag.begin(), diag.end(), row_offset);",
+        "std::iota(diag.begin(), diag.end(), 0);",
         ((DIST, "-k", "matches_single and cpu"), (CPU, "-k", "row_block")),
-        "the forward tile fold drops the row offset (a rank's positives are misplaced)",
+        "the forward drops the row offset (a rank's positives are misplaced)",
     ),
     Mutant(
         "determinism-cpp",
         "csrc/selhn_cpu.cpp",
-        "  (void)allow_tf32;  // fp32 on the CPU is always IEEE\n",
-        "  (void)allow_tf32;  // fp32 on the CPU is always IEEE\n  deterministic = false;\n",
+        "bool deterministic, bool allow_tf32) {\n  (void)allow_tf32;",
+        "bool deterministic_flag, bool allow_tf32) {\n"
+        "  const bool deterministic = false && deterministic_flag;\n  (void)allow_tf32;",
         ((DET,), (CPU, "-k", "deterministic")),
-        "partials ignore deterministic=True (sums follow the thread split and visit order)",
+        "the C++ kernels ignore deterministic=True (sums follow the thread split and order)",
+        count=2,
     ),
     # ------------------------------------------------------ shared Python (every backend)
     Mutant(
@@ -238,11 +269,10 @@ MUTANTS = [
     Mutant(
         "hinge-at-zero-triton-backward",
         "selhn_ext/_triton/backward_kernels.py",
-        "- d_anchor[:, None] > 0.0)",
-        "- d_anchor[:, None] >= 0.0)",
+        "shifted - d_row[:, None] > 0.0)",
+        "shifted - d_row[:, None] >= 0.0)",
         ((EXACT, "-k", "triton and zero"),),
-        "the Triton backward recomputes a hinge at exactly zero as active",
-        count=2,
+        "the Triton backward recomputes a row hinge at exactly zero as active",
     ),
     # -------------------------------------------------------------------- distributed
     Mutant(
@@ -347,7 +377,15 @@ def build_extension(scratch: Path) -> str | None:
     return " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
 
 
+def has_cuda_device() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check(mutant: Mutant, scratch: Path, clean_libs: dict[Path, bytes], timeout: float):
+    if mutant.needs_gpu and not has_cuda_device():
+        return "NEEDS GPU", "only a CUDA device runs this code; not checked here"
     target = scratch / mutant.path
     original = target.read_text()
     found = original.count(mutant.old)
@@ -402,7 +440,8 @@ def main() -> int:
             print("no built selhn_ext/_C*.so in the tree: run `make setup` first")
             return 2
         if not options.no_baseline:
-            invocations = list(dict.fromkeys(args for m in chosen for args in m.tests))
+            runnable = [m for m in chosen if not m.needs_gpu or has_cuda_device()]
+            invocations = list(dict.fromkeys(args for m in runnable for args in m.tests))
             for args in invocations:
                 start = time.monotonic()
                 outcome, detail = run_pytest(scratch, args, options.timeout)
@@ -427,9 +466,12 @@ def main() -> int:
     print("\nsummary")
     for mutant, verdict, _ in results:
         print(f"  {verdict:12} {mutant.name:32} {mutant.bug}")
-    survived = [m.name for m, verdict, _ in results if verdict != "KILLED"]
-    print(f"{len(results) - len(survived)} of {len(results)} killed", end="")
+    checked = [(m, verdict) for m, verdict, _ in results if verdict != "NEEDS GPU"]
+    survived = [m.name for m, verdict in checked if verdict != "KILLED"]
+    print(f"{len(checked) - len(survived)} of {len(checked)} checked mutants killed", end="")
     print(f"; not killed: {', '.join(survived)}" if survived else "")
+    if len(checked) < len(results):
+        print(f"{len(results) - len(checked)} need a GPU and were not checked")
     return 1 if survived else 0
 
 

@@ -22,6 +22,7 @@ rounding of the output dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -140,6 +141,26 @@ def brute_force(s, margin, eps, mode, upstream, ids=None):
     return out
 
 
+def kernel_paths(backend: str) -> list[str | None]:
+    """The C++ kernel's vector paths (AVX-512 through SIMDe on machines without it, AVX2,
+    portable): each runs its own fold code, so each must pass. None: the default."""
+    if backend != "cpu":
+        return [None]
+    return list(torch.ops.selhn._cpu_simd_paths())
+
+
+@contextlib.contextmanager
+def kernel_path(path: str | None):
+    if path is None:
+        yield
+        return
+    torch.ops.selhn._cpu_set_simd_path(path)
+    try:
+        yield
+    finally:
+        torch.ops.selhn._cpu_set_simd_path("best")
+
+
 def run_backend(backend, img, txt, **options):
     """(per-anchor loss, stats, grad img, grad txt) of selhn_loss on leaves of the inputs."""
     upstream = options.pop("upstream", None)
@@ -237,14 +258,19 @@ def test_one_nan_poisons_exactly_the_anchors_that_see_it(backend, dtype, batch, 
     what = f"{backend} {dtype} B={batch} NaN in {where}[{r}]"
     for mode in MODES:
         expected = brute_force(s_nan.tolist(), 0.25, 0.0625, mode, [[1.0] * batch] * 2)
-        loss, stats, _, _ = run_backend(backend, img, txt, margin=0.25, eps=0.0625, mode=mode)
-        assert_decisions_equal(stats, expected, f"{what} {mode}")
-        assert_losses_equal(loss, expected["loss"], f"{what} {mode}")
-        # The data is what the test claims: each side has NaN and finite losses.
-        poisoned = torch.isnan(loss.cpu())
-        assert poisoned.any(dim=1).all() and (~poisoned).any(), what
-        if mode == "selhn":
-            assert stats.gated.any(), what  # the gated path saw the NaN-free anchors too
+        for path in kernel_paths(backend):
+            where = f"{what} {mode} path={path}"
+            with kernel_path(path):
+                loss, stats, _, _ = run_backend(
+                    backend, img, txt, margin=0.25, eps=0.0625, mode=mode
+                )
+            assert_decisions_equal(stats, expected, where)
+            assert_losses_equal(loss, expected["loss"], where)
+            # The data is what the test claims: each side has NaN and finite losses.
+            poisoned = torch.isnan(loss.cpu())
+            assert poisoned.any(dim=1).all() and (~poisoned).any(), where
+            if mode == "selhn":
+                assert stats.gated.any(), where  # the gated path saw NaN-free anchors too
 
 
 # ------------------------------------------------------------------- hinges exactly at 0
@@ -315,13 +341,14 @@ def test_hinges_exactly_at_zero_add_nothing(backend, dtype, margin):
     upstream = torch.randint(1, 5, (2, ZERO_BATCH), generator=gen).double() / 2  # dyadic
     for ids in (None, ZERO_IDS):
         ids_t = None if ids is None else torch.tensor(ids, device=device)
-        for mode in MODES:
-            what = f"{backend} {dtype} margin={margin} {mode} ids={ids is not None}"
+        for mode, path in ((m, p) for m in MODES for p in kernel_paths(backend)):
+            what = f"{backend} {dtype} margin={margin} {mode} ids={ids is not None} path={path}"
             expected = brute_force(s.tolist(), margin, ZERO_EPS, mode, upstream.tolist(), ids)
-            loss, stats, grad_img, grad_txt = run_backend(
-                backend, img, txt, margin=margin, eps=ZERO_EPS, mode=mode, ids=ids_t,
-                upstream=upstream,
-            )  # fmt: skip
+            with kernel_path(path):
+                loss, stats, grad_img, grad_txt = run_backend(
+                    backend, img, txt, margin=margin, eps=ZERO_EPS, mode=mode, ids=ids_t,
+                    upstream=upstream,
+                )  # fmt: skip
             assert_decisions_equal(stats, expected, what)
             assert_losses_equal(loss, expected["loss"], what)
             g = torch.tensor(expected["g"], dtype=torch.float64)
@@ -417,11 +444,12 @@ def test_gated_and_hardest_gradients_within_output_rounding(backend, dtype):
     x64, y64 = img.double(), txt.double()
     gen = torch.Generator().manual_seed(9)
     upstream = torch.rand(2, img.shape[0], generator=gen, dtype=F64) + 0.5
-    for mode in ("selhn", "all", "hardest"):
-        what = f"{backend} {dtype} {mode}"
-        loss, stats, grad_img, grad_txt = run_backend(
-            backend, img.to(device), txt.to(device), eps=eps, mode=mode, upstream=upstream
-        )
+    for mode, path in ((m, p) for m in ("selhn", "all", "hardest") for p in kernel_paths(backend)):
+        what = f"{backend} {dtype} {mode} path={path}"
+        with kernel_path(path):
+            loss, stats, grad_img, grad_txt = run_backend(
+                backend, img.to(device), txt.to(device), eps=eps, mode=mode, upstream=upstream
+            )
         ref_x, ref_y = x64.clone().requires_grad_(), y64.clone().requires_grad_()
         ref, ref_stats = selhn_loss_reference(ref_x, ref_y, eps=eps, mode=mode, reduction="none")
         (ref * upstream).sum().backward()
