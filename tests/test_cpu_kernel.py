@@ -15,8 +15,10 @@ import torch
 from conftest import require_backend
 
 from selhn_ext import selhn_loss
-from selhn_ext.kernel_interface import MODES, REDUCTIONS, positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedKernels
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.options import MODES, REDUCTIONS
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 pytestmark = pytest.mark.backend("cpu")
 
@@ -258,13 +260,13 @@ def test_nan_propagates_to_max_arg_and_loss():
         img, txt = make_batch(70, 8, dtype, seed=3)
         img[3, 0] = float("nan")  # S row 3 is all NaN, so is every column's entry in row 3
         d = positive_scores(img, txt)
-        rows, cols = ops.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+        rows, cols = ops.COMPILED_KERNELS.partials(Block(img, txt, d), MARGIN)
         assert torch.isnan(rows.max[3]) and rows.arg[3] == 0  # smallest index among NaNs
         assert torch.isnan(rows.hinge_sum[3])
         others = torch.arange(70) != 3
         assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()
         assert not torch.isnan(cols.max[3])
-        ref_rows, ref_cols = ChunkedKernels().partials(img, txt, d, 0, None, None, MARGIN)
+        ref_rows, ref_cols = ChunkedKernels().partials(Block(img, txt, d), MARGIN)
         assert torch.equal(rows.arg, ref_rows.arg) and torch.equal(cols.arg, ref_cols.arg)
         loss = selhn_loss(img, txt, backend="cpu")
         assert torch.isnan(loss)
@@ -330,8 +332,10 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
-    got = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    got = ops.COMPILED_KERNELS.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
+    ref = ChunkedKernels(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for a, c in zip(got, ref, strict=True):
         assert_stats_equal(a, c, tol)
     gen = torch.Generator().manual_seed(4)
@@ -343,7 +347,11 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     gated_c = torch.rand(batch, generator=gen) < gated_fraction
     assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
     for deterministic in (False, True):
-        args = (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c)
+        args = (
+            Block(rows, cols, d, off, row_ids, col_ids),
+            MARGIN,
+            GatedAnchors(coef_r, coef_c, gated_r, gated_c),
+        )
         g_rows, g_cols = ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
         r_rows, r_cols = ChunkedKernels(chunk_rows=32).dense_backward(*args)
         assert_close(g_rows, r_rows, tol * 10, "grad rows")
@@ -363,11 +371,15 @@ def test_backward_recomputes_only_gated_tiles():
     coef = torch.ones(batch)
     none = torch.zeros(batch, dtype=torch.bool)
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), False)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), False
+        )
         == 0
     )
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), True)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), True
+        )
         == 0
     )
     gen = torch.Generator().manual_seed(0)
@@ -377,7 +389,7 @@ def test_backward_recomputes_only_gated_tiles():
         merged, every_tile, compacted = regime_is_merged(
             batch, batch, int(gated_r.sum()), int(gated_c.sum())
         )
-        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, gated_r, gated_c)
+        args = (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, gated_r, gated_c))
         if merged:
             # Most anchors gated: one pass over every tile, W = row part + column part, S
             # recomputed once per tile: ceil(B / BM) * ceil(B / BN) tiles, fewer than the
@@ -405,7 +417,7 @@ def run_everything(ops, deterministic):
     gated) regime."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
     partial = ops.COMPILED_KERNELS.partials(
-        rows, cols, d, 0, row_ids, col_ids, MARGIN, deterministic=deterministic
+        Block(rows, cols, d, 0, row_ids, col_ids), MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
     coef = torch.rand(333, generator=gen)
@@ -415,7 +427,8 @@ def run_everything(ops, deterministic):
         gated_c = torch.rand(333, generator=gen) < fraction
         assert regime_is_merged(333, 333, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
         grads += ops.COMPILED_KERNELS.dense_backward(
-            rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
+            Block(rows, cols, d, 0, row_ids, col_ids), MARGIN,
+            GatedAnchors(coef, coef, gated_r, gated_c),
             deterministic=deterministic,
         )  # fmt: skip
     return [t for stats in partial for t in stats] + list(grads)
@@ -493,22 +506,25 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     outputs = {}
     for path in paths:
         simd_path(path)
-        stats = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+        stats = ops.COMPILED_KERNELS.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
         out = [t for direction in stats for t in direction]
         for fraction, merged in ((0.1, False), (0.7, True)):
             gated_r, gated_c = (g < fraction for g in gates[merged])
             assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
             for deterministic in (False, True):
                 out += ops.COMPILED_KERNELS.dense_backward(
-                    rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype),
-                    coef_c.to(d.dtype), gated_r, gated_c, deterministic=deterministic,
+                    Block(rows, cols, d, off, row_ids, col_ids), MARGIN,
+                    GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
+                    deterministic=deterministic,
                 )  # fmt: skip
         outputs[path] = out
     for path in paths[:-1]:
         for k, (x, y) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
             assert torch.equal(x, y), f"{path} output {k} differs from the portable path"
     # The outputs are right, not only equal: the chunked kernels agree.
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    ref = ChunkedKernels(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for got, want in zip((stats[0], stats[1]), ref, strict=True):
         assert_stats_equal(got, want, 1e-5 if dtype == torch.float32 else 1e-12)
     with pytest.raises(RuntimeError, match="not available"):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from selhn_ext import selhn_loss
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedKernels
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 MODES = ["selhn", "hardest", "all", "sum_hinges"]
 REDUCTIONS = ["mean", "sum", "none"]

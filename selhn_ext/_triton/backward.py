@@ -10,9 +10,9 @@ import torch
 import triton
 from torch import Tensor
 
+from ..kernel_interface import Block, GatedAnchors
 from . import backward_kernels
 from .config import (
-    backward_path,
     block_config,
     check_block,
     column_splits,
@@ -93,23 +93,26 @@ def panel_size(dim: int, n_anchors: int) -> int:
     return min(size, triton.cdiv(n_anchors, PANEL_UNIT) * PANEL_UNIT)
 
 
+# The dense backward's variants (dispatch.py lists the same names): "tiles" (each
+# recomputed tile adds its products into the gradients; float atomics unless
+# deterministic) or "panel" (panels of gated anchors, tensor-core GEMMs with owned output
+# tiles, no float atomics: deterministic by construction).
+VARIANTS = ("tiles", "panel")
+
+
 def dense_backward(
-    rows: Tensor,
-    cols: Tensor,
-    col_pos: Tensor,
-    row_offset: int,
-    row_ids: Tensor | None,
-    col_ids: Tensor | None,
+    block: Block,
     margin: float,
-    row_coef: Tensor,
-    col_coef: Tensor,
-    row_gated: Tensor,
-    col_gated: Tensor,
+    gated: GatedAnchors,
     *,
     deterministic: bool = False,
     allow_tf32: bool = False,
+    variant: str = "tiles",
 ) -> tuple[Tensor, Tensor]:
-    check_block(rows, cols, col_pos, row_offset, row_ids, col_ids)
+    check_block(block)
+    rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
+    row_ids, col_ids = block.row_ids, block.col_ids
+    row_coef, col_coef, row_gated, col_gated = gated
     cfg = block_config(rows.dtype)
     b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
     device = rows.device
@@ -157,7 +160,7 @@ def dense_backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    if backward_path() == "panel":
+    if variant == "panel":
         panel_backward(
             rows, cols, col_pos, row_offset, row_ids_t, col_ids_t, has_ids, margin,
             (row_coef, row_index, row_count, grad_rows),
