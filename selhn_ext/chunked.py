@@ -2,11 +2,12 @@
 wherever no fused kernel runs.
 
 Each block of ``chunk_rows`` rows (128 by default, whatever the batch) computes its
-(chunk_rows, N) slice of S and the statistics it feeds, so the extra memory is a few such
-panels plus the O(N*D) inputs and gradients: it grows linearly with the batch. Every
-result is written into buffers allocated before the loop, so nothing allocated in one
-block outlives it; otherwise long-lived small tensors interleaved with the panels can
-fragment the C heap until it holds many freed panels at once.
+(chunk_rows, N) slice of S and the statistics it feeds. The slices live in four panels
+allocated once per call (two in the compute dtype, two boolean) and reused by every
+block, so the extra memory is about chunk_rows * N * 10 bytes (fp32) plus the O(N*D)
+inputs and gradients: linear in the batch. Fresh temporaries per block would do the same
+arithmetic, but the C heap keeps the freed ones, fragmented among the small tensors that
+outlive each block, and its size then grew with the number of blocks, so with B^2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ from .kernel_interface import (
 CHUNK_ROWS = 128
 
 
+class _Panels:
+    """Flat buffers of chunk_rows * N elements, viewed as any (rows, cols) that fits."""
+
+    def __init__(self, rows: int, n_cols: int, dtype: torch.dtype, device: torch.device):
+        size = rows * n_cols
+        self.scores = torch.empty(size, dtype=dtype, device=device)
+        self.work = torch.empty(size, dtype=dtype, device=device)
+        self.invalid = torch.empty(size, dtype=torch.bool, device=device)
+        self.flag = torch.empty(size, dtype=torch.bool, device=device)
+
+    def views(self, rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(scores, work, invalid, flag) as contiguous (rows, cols) views."""
+        buffers = (self.scores, self.work, self.invalid, self.flag)
+        return tuple(t[: rows * cols].view(rows, cols) for t in buffers)
+
+
 class ChunkedKernels(PyTorchGlue):
     """The kernel interface in row blocks of plain PyTorch (backend ``chunked``).
 
@@ -41,18 +58,22 @@ class ChunkedKernels(PyTorchGlue):
         for start in range(0, b, self.chunk_rows):
             yield start, min(b, start + self.chunk_rows)
 
+    def _panels(self, block: Block) -> _Panels:
+        rows = min(self.chunk_rows, block.b)
+        return _Panels(rows, block.n, compute_dtype(block.rows.dtype), block.rows.device)
+
     @staticmethod
-    def _valid(block: Block, start: int, stop: int) -> Tensor:
-        """Which pairs of rows [start, stop) and all columns are valid negatives."""
-        device = block.rows.device
-        rows = torch.arange(start, stop, device=device)
-        valid = torch.ones(stop - start, block.n, dtype=torch.bool, device=device)
+    def _invalid(block: Block, start: int, stop: int, out: Tensor) -> Tensor:
+        """Into ``out`` (stop - start, N): which pairs are not valid negatives."""
+        if block.row_ids is None:
+            out.fill_(False)
+        else:
+            torch.eq(block.row_ids[start:stop, None], block.col_ids[None, :], out=out)
+        rows = torch.arange(start, stop, device=out.device)
         own = block.row_offset + rows
         in_range = (own >= 0) & (own < block.n)
-        valid[(rows - start)[in_range], own[in_range]] = False
-        if block.row_ids is not None:
-            valid &= block.row_ids[start:stop, None] != block.col_ids[None, :]
-        return valid
+        out[(rows - start)[in_range], own[in_range]] = True
+        return out
 
     def partials(
         self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
@@ -61,7 +82,6 @@ class ChunkedKernels(PyTorchGlue):
         b, n_cols, device = block.b, block.n, block.rows.device
         c = block.cols.to(cdt)
         col_pos, offset = block.col_pos, block.row_offset
-        zero = torch.zeros((), dtype=cdt, device=device)
 
         def empty_stats(length: int) -> DirectionStats:
             return DirectionStats(
@@ -72,33 +92,42 @@ class ChunkedKernels(PyTorchGlue):
             )
 
         row, col = empty_stats(b), empty_stats(n_cols)
+        panels = self._panels(block)
         for start, stop in self._blocks(b):
-            s = block.rows[start:stop].to(cdt) @ c.T
-            valid = self._valid(block, start, stop)
-            masked = s.masked_fill(~valid, float("-inf"))
+            s, work, invalid, flag = panels.views(stop - start, n_cols)
+            torch.matmul(block.rows[start:stop].to(cdt), c.T, out=s)
+            self._invalid(block, start, stop, invalid)
+            work.copy_(s).masked_fill_(invalid, float("-inf"))
+            row_best, row_index = work.max(dim=1)
+            col_best, col_index = work.max(dim=0)
 
             # Rows: complete, since the block sees every column.
-            row_arg = margin + s - col_pos[offset + start : offset + stop, None]
-            best, index = masked.max(dim=1)
-            row.max[start:stop] = best
-            row.arg[start:stop] = torch.where(valid.any(dim=1), index, -1)
-            row.hinge_sum[start:stop] = torch.where(valid, torch.relu(row_arg), zero).sum(dim=1)
-            row.active[start:stop] = (valid & (row_arg > 0)).sum(dim=1, dtype=torch.int32)
-            del row_arg
+            d_row = col_pos[offset + start : offset + stop, None]
+            row_hinges = self._hinges(s, margin, d_row, invalid, work)
+            row.max[start:stop] = row_best
+            row.arg[start:stop] = torch.where(invalid.all(dim=1), -1, row_index)
+            row.hinge_sum[start:stop] = row_hinges.sum(dim=1)
+            row.active[start:stop] = torch.gt(row_hinges, 0, out=flag).sum(dim=1, dtype=torch.int32)
 
             # Columns: this block's share, merged in block order.
-            col_arg = margin + s - col_pos[None, :]
-            best, index = masked.max(dim=0)
+            col_hinges = self._hinges(s, margin, col_pos[None, :], invalid, work)
             block_col = DirectionStats(
-                max=best,
-                arg=torch.where(valid.any(dim=0), index + offset + start, -1),
-                hinge_sum=torch.where(valid, torch.relu(col_arg), zero).sum(dim=0),
-                active=(valid & (col_arg > 0)).sum(dim=0, dtype=torch.int32),
+                max=col_best,
+                arg=torch.where(invalid.all(dim=0), -1, col_index + offset + start),
+                hinge_sum=col_hinges.sum(dim=0),
+                active=torch.gt(col_hinges, 0, out=flag).sum(dim=0, dtype=torch.int32),
             )
             for kept, merged in zip(col, merge_stats(col, block_col), strict=True):
                 kept.copy_(merged)
         # NaN survives max(): torch.max propagates it; -0.0 equals +0.0 there.
         return row, col
+
+    @staticmethod
+    def _hinges(s: Tensor, margin: float, d: Tensor, invalid: Tensor, out: Tensor) -> Tensor:
+        """relu(margin + S - d) on valid pairs, 0 elsewhere, into ``out``. A hinge is > 0
+        exactly where its argument is (NaN is neither)."""
+        torch.add(s, margin, out=out)
+        return out.sub_(d).relu_().masked_fill_(invalid, 0.0)
 
     def dense_backward(
         self,
@@ -110,36 +139,48 @@ class ChunkedKernels(PyTorchGlue):
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]:
         cdt = compute_dtype(block.rows.dtype)
-        device, offset, col_pos = block.rows.device, block.row_offset, block.col_pos
+        device, offset, col_pos, n_cols = (
+            block.rows.device,
+            block.row_offset,
+            block.col_pos,
+            block.n,
+        )
         c = block.cols.to(cdt)
         grad_rows = torch.zeros(block.b, block.dim, dtype=cdt, device=device)
-        grad_cols = torch.zeros(block.n, block.dim, dtype=cdt, device=device)
+        grad_cols = torch.zeros(n_cols, block.dim, dtype=cdt, device=device)
         # The chunked fallback may sync the host to skip work; fused kernels never do.
         gated_cols = torch.nonzero(gated.col_gated).flatten()
+        n_gated_cols = gated_cols.numel()
         c_gated = c[gated_cols]
+        col_pos_gated = col_pos[gated_cols][None, :]
+        col_coef_gated = gated.col_coef[gated_cols][None, :]
         zero = torch.zeros((), dtype=cdt, device=device)
+        panels = self._panels(block)
         for start, stop in self._blocks(block.b):
             r = block.rows[start:stop].to(cdt)
-            valid = self._valid(block, start, stop)
+            invalid = self._invalid(block, start, stop, panels.views(stop - start, n_cols)[2])
             gated_rows = torch.nonzero(gated.row_gated[start:stop]).flatten()
             if gated_rows.numel():
                 rg = r[gated_rows]
-                s = rg @ c.T
-                d_row = col_pos[offset + start + gated_rows]
-                w = torch.where(
-                    valid[gated_rows] & (margin + s - d_row[:, None] > 0),
-                    gated.row_coef[start + gated_rows][:, None],
-                    zero,
-                )
+                s, w, _, active = panels.views(gated_rows.numel(), n_cols)
+                torch.matmul(rg, c.T, out=s)
+                d_row = col_pos[offset + start + gated_rows][:, None]
+                self._active(s, margin, d_row, invalid[gated_rows], w, active)
+                torch.where(active, gated.row_coef[start + gated_rows][:, None], zero, out=w)
                 grad_rows[start + gated_rows] += w @ c
                 grad_cols += w.T @ rg
-            if gated_cols.numel():
-                s = r @ c_gated.T
-                w = torch.where(
-                    valid[:, gated_cols] & (margin + s - col_pos[gated_cols][None, :] > 0),
-                    gated.col_coef[gated_cols][None, :],
-                    zero,
-                )
+            if n_gated_cols:
+                s, w, _, active = panels.views(stop - start, n_gated_cols)
+                torch.matmul(r, c_gated.T, out=s)
+                self._active(s, margin, col_pos_gated, invalid[:, gated_cols], w, active)
+                torch.where(active, col_coef_gated, zero, out=w)
                 grad_rows[start:stop] += w @ c_gated
                 grad_cols[gated_cols] += w.T @ r
         return grad_rows, grad_cols
+
+    @staticmethod
+    def _active(s, margin, d, invalid, work, out) -> None:
+        """Into ``out``: valid pairs whose hinge argument margin + S - d is > 0."""
+        torch.add(s, margin, out=work)
+        torch.gt(work.sub_(d), 0, out=out)
+        out.masked_fill_(invalid, False)
