@@ -132,6 +132,12 @@ def build_extension(cuda: bool = False, verbose: bool = False) -> Path:
     if _LIBRARY_PATH is not None:
         # The ops are already registered in this process; a second copy of the library
         # would register them twice.
+        if cuda and not _has_kernel("partials", "CUDA"):
+            raise RuntimeError(
+                f"a library without the CUDA kernels is already loaded ({_LIBRARY_PATH}): "
+                "build the CUDA kernels in a process that has not loaded it (remove it, or "
+                "run bench/jit_build.py --cuda from another folder)"
+            )
         return _LIBRARY_PATH
     _LIBRARY_PATH = build.build_extension(cuda=cuda, verbose=verbose)
     _LIBRARY_ERROR = None
@@ -142,7 +148,7 @@ def build_extension(cuda: bool = False, verbose: bool = False) -> Path:
 # ---------------------------------------------------------------- the backend object
 
 
-class CompiledKernels(PyTorchGlue):
+class CompiledBackend(PyTorchGlue):
     """The kernel interface on the ``selhn::*`` ops (backends ``cpu`` and ``cuda``); the
     dispatcher runs the CPU or the CUDA kernel by the inputs' device."""
 
@@ -171,10 +177,10 @@ class CompiledKernels(PyTorchGlue):
         )  # fmt: skip
 
 
-COMPILED_KERNELS = CompiledKernels()
+COMPILED_BACKEND = CompiledBackend()
 
 
-def compiled_kernels() -> CompiledKernels:
+def compiled_backend() -> CompiledBackend:
     """The backend object, building the library first if this is its first use."""
     build_extension()
-    return COMPILED_KERNELS
+    return COMPILED_BACKEND

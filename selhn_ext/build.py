@@ -76,6 +76,12 @@ def cuda_problems() -> list[str]:
         problems.append(f"torch {torch.__version__} is not a CUDA build")
     if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
         problems.append(f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r})")
+    elif not Path(CUDA_HOME, "include", "cuda_runtime.h").exists():
+        # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script
+        problems.append(
+            f"CUDA_HOME={CUDA_HOME!r} has nvcc but no include/cuda_runtime.h: set CUDA_HOME "
+            "to the toolkit's folder (e.g. /usr/local/cuda)"
+        )
     return problems
 
 
@@ -127,18 +133,20 @@ def cache_root() -> Path:
 
 
 def cache_dir(cuda: bool) -> Path:
-    """The folder of the build for this torch, these flags and these sources."""
+    """The folder of the build for this torch, these flags and these sources (CPU only, or
+    with the CUDA kernels for the targets of the process that built it)."""
     import torch
 
     digest = hashlib.sha256()
+    # Not the compiler nor the CUDA targets, which the environment may name differently
+    # in the process that builds and in those that load.
     for part in (
         torch.__version__,
         str(torch.version.cuda),
         str(torch.compiled_with_cxx11_abi()),
         sys.implementation.cache_tag,
-        os.environ.get("CXX", "c++"),
         " ".join(CXX_FLAGS + LINK_FLAGS),
-        " ".join(NVCC_FLAGS) + f" {cuda_arch_list()}" if cuda else "cpu only",
+        " ".join(NVCC_FLAGS) if cuda else "cpu only",
     ):
         digest.update(part.encode() + b"\0")
     for path in source_files():

@@ -43,7 +43,7 @@ class _Panels:
         return tuple(t[: rows * cols].view(rows, cols) for t in buffers)
 
 
-class ChunkedKernels(PyTorchGlue):
+class ChunkedBackend(PyTorchGlue):
     """The kernel interface in row blocks of plain PyTorch (backend ``chunked``).
 
     Deterministic by construction: blocks are visited in order and merged in order.

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _cpp
-from .chunked import ChunkedKernels
-from .kernel_interface import FusedKernels
+from ._cpp import compiled_backend, load_error
+from .chunked import ChunkedBackend
+from .kernel_interface import Backend
 from .options import BACKENDS
 
 # ``auto`` chooses the CUDA kernels only once a GPU run of bench/gpu_check.sh has passed
@@ -106,7 +106,7 @@ def _always_present(device_type: str) -> str | None:
 
 
 def _compiled_missing(device_type: str) -> str | None:
-    return _cpp.load_error(device_type)
+    return load_error(device_type)
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -123,16 +123,18 @@ def _triton_missing(device_type: str) -> str | None:
     return None
 
 
-def _load_triton(variant: str | None) -> FusedKernels:
+def _load_triton(variant: str | None) -> Backend:
     # Imported on first use: importing triton takes a second and must follow
     # TRITON_INTERPRET, so the package does not import it before it is needed.
-    from ._triton import TritonKernels
+    from ._triton import TritonBackend
 
-    return TritonKernels(variant)
+    return TritonBackend(variant)
 
 
 @dataclass(frozen=True)
-class Backend:
+class Registration:
+    """A backend as the registry knows it."""
+
     name: str
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
@@ -140,7 +142,7 @@ class Backend:
     missing: Callable[[str], str | None]
     # The backend object for a variant (None for the reference, which is not a backend
     # object but the spec, run by functional.py).
-    load: Callable[[str | None], FusedKernels | None]
+    load: Callable[[str | None], Backend | None]
     # Reasons from the sizes of the inputs, for a variant.
     limits: Limits = _no_limits
     # Named implementations, the default first, chosen by the environment variable.
@@ -148,51 +150,51 @@ class Backend:
     variant_env: str | None = None
 
 
-REGISTRY: dict[str, Backend] = {
-    backend.name: backend
-    for backend in (
-        Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, _always_present, lambda v: None),
-        Backend("chunked", ("cpu", "cuda"), _ALL_FLOATS, _always_present,
-                lambda v: ChunkedKernels()),
-        Backend("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing,
-                lambda v: _cpp.compiled_kernels(), _compiled_limits),
+REGISTRY: dict[str, Registration] = {
+    entry.name: entry
+    for entry in (
+        Registration("reference", ("cpu", "cuda"), _ALL_FLOATS, _always_present, lambda v: None),
+        Registration("chunked", ("cpu", "cuda"), _ALL_FLOATS, _always_present,
+                lambda v: ChunkedBackend()),
+        Registration("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing,
+                lambda v: compiled_backend(), _compiled_limits),
         # The Triton dense backward: "tiles" (each recomputed tile adds its products into
         # the gradients) or "panel" (tensor-core GEMMs over panels of the activity matrix).
-        Backend("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton,
+        Registration("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton,
                 _triton_limits, variants=("tiles", "panel"),
                 variant_env="SELHN_TRITON_BACKWARD"),
-        Backend("cuda", ("cuda",), _FLOAT16, _compiled_missing,
-                lambda v: _cpp.compiled_kernels(), _cuda_limits),
+        Registration("cuda", ("cuda",), _FLOAT16, _compiled_missing,
+                lambda v: compiled_backend(), _cuda_limits),
     )
 }  # fmt: skip
 if tuple(REGISTRY) != BACKENDS[1:]:
     raise ImportError("options.BACKENDS must list the registered backends after 'auto'")
 
 
-def _variant_from_environment(backend: Backend) -> tuple[str | None, str | None]:
+def _variant_from_environment(entry: Registration) -> tuple[str | None, str | None]:
     """(the variant, None) or (None, why the environment's setting is refused)."""
-    if not backend.variants:
+    if not entry.variants:
         return None, None
-    value = os.environ.get(backend.variant_env, "").strip() or backend.variants[0]
-    if value not in backend.variants:
+    value = os.environ.get(entry.variant_env, "").strip() or entry.variants[0]
+    if value not in entry.variants:
         return None, (
-            f"{backend.variant_env}={value!r} is not a variant of {backend.name!r}; "
-            f"expected one of {', '.join(backend.variants)}"
+            f"{entry.variant_env}={value!r} is not a variant of {entry.name!r}; "
+            f"expected one of {', '.join(entry.variants)}"
         )
     return value, None
 
 
 # Read once at import, so that tracing the dispatch never imports or builds anything.
 _MISSING: dict[tuple[str, str], str | None] = {
-    (backend.name, device_type): backend.missing(device_type)
-    for backend in REGISTRY.values()
-    for device_type in backend.devices
+    (entry.name, device_type): entry.missing(device_type)
+    for entry in REGISTRY.values()
+    for device_type in entry.devices
 }
 _VARIANT_SETTINGS = {name: _variant_from_environment(b) for name, b in REGISTRY.items()}
 _VARIANT: dict[str, str | None] = {name: s[0] for name, s in _VARIANT_SETTINGS.items()}
 _VARIANT_ERROR: dict[str, str | None] = {name: s[1] for name, s in _VARIANT_SETTINGS.items()}
 
-_LOADED: dict[str, FusedKernels | None] = {}
+_LOADED: dict[str, Backend | None] = {}
 
 
 def variant(name: str) -> str | None:
@@ -200,15 +202,15 @@ def variant(name: str) -> str | None:
     return _VARIANT[name]
 
 
-def kernels(name: str) -> FusedKernels:
-    """The backend object of a fused backend, for its variant (loaded once)."""
+def backend(name: str) -> Backend:
+    """The object of backend ``name`` (not the reference), for its variant (loaded once)."""
     if name not in _LOADED:
         _LOADED[name] = REGISTRY[name].load(_VARIANT[name])
     return _LOADED[name]
 
 
 @contextlib.contextmanager
-def use_kernels(name: str, backend_object: FusedKernels) -> Iterator[None]:
+def use_backend(name: str, backend_object: Backend) -> Iterator[None]:
     """Run backend ``name`` on ``backend_object`` inside the block (tests, benchmarks)."""
     missing = object()
     previous = _LOADED.get(name, missing)
@@ -225,15 +227,15 @@ def use_kernels(name: str, backend_object: FusedKernels) -> Iterator[None]:
 @contextlib.contextmanager
 def use_variant(name: str, chosen: str) -> Iterator[None]:
     """Run variant ``chosen`` of backend ``name`` inside the block (tests, benchmarks)."""
-    backend = REGISTRY[name]
-    if chosen not in backend.variants:
+    entry = REGISTRY[name]
+    if chosen not in entry.variants:
         raise ValueError(
-            f"{chosen!r} is not a variant of {name!r}; expected one of {backend.variants}"
+            f"{chosen!r} is not a variant of {name!r}; expected one of {entry.variants}"
         )
     previous = _VARIANT[name], _VARIANT_ERROR[name]
     _VARIANT[name], _VARIANT_ERROR[name] = chosen, None
     try:
-        with use_kernels(name, backend.load(chosen)):
+        with use_backend(name, entry.load(chosen)):
             yield
     finally:
         _VARIANT[name], _VARIANT_ERROR[name] = previous
@@ -248,20 +250,20 @@ def unsupported_reasons(
 ) -> list[str]:
     """Every reason backend ``name`` cannot run inputs of this device type and dtype with
     N = ``columns`` pairs (``rows`` of them in this process); sizes may be omitted."""
-    backend = REGISTRY[name]
+    entry = REGISTRY[name]
     reasons = []
-    if device_type not in backend.devices:
-        reasons.append(f"does not run on {device_type} tensors (runs on {backend.devices})")
-    if dtype not in backend.dtypes:
-        names = ", ".join(str(t).removeprefix("torch.") for t in backend.dtypes)
+    if device_type not in entry.devices:
+        reasons.append(f"does not run on {device_type} tensors (runs on {entry.devices})")
+    if dtype not in entry.dtypes:
+        names = ", ".join(str(t).removeprefix("torch.") for t in entry.dtypes)
         reasons.append(f"does not take {str(dtype).removeprefix('torch.')} (takes {names})")
-    if device_type in backend.devices:
+    if device_type in entry.devices:
         missing = _MISSING[(name, device_type)]
         if missing is not None:
             reasons.append(missing)
     if _VARIANT_ERROR[name] is not None:
         reasons.append(_VARIANT_ERROR[name])
-    reasons += backend.limits(columns, columns if rows is None else rows, _VARIANT[name])
+    reasons += entry.limits(columns, columns if rows is None else rows, _VARIANT[name])
     return reasons
 
 

@@ -8,7 +8,7 @@ the positive scores d_j in the compute dtype. Row i's positive is column
 (with ids) ``row_ids[i] != col_ids[j]``. One process is the block ``row_offset = 0``,
 b = N.
 
-A backend (:class:`FusedKernels`) computes what needs the B x B similarity matrix
+A backend (:class:`Backend`) computes what needs the B x B similarity matrix
 S = rows @ cols.T:
 
 * ``partials(block, margin, *, deterministic, allow_tf32) -> (row, col)``: for every row
@@ -296,7 +296,7 @@ def sparse_and_diagonal_backward(
 # The backend contract
 
 
-class FusedKernels(Protocol):
+class Backend(Protocol):
     """What the pipeline (pipeline.py) calls on a backend; see the module notes."""
 
     def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor: ...
@@ -332,7 +332,7 @@ class FusedKernels(Protocol):
 
 
 class PyTorchGlue:
-    """The O(B) and O(B*D) steps of :class:`FusedKernels` in plain PyTorch.
+    """The O(B) and O(B*D) steps of :class:`Backend` in plain PyTorch.
 
     Backends inherit these and implement ``partials`` and ``dense_backward``; a backend
     with fused kernels for a step overrides it.

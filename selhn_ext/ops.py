@@ -16,8 +16,7 @@ from torch import Tensor
 from . import dispatch, pipeline
 from .kernel_interface import compute_dtype
 
-# The forward op returns the five (2, b) per-anchor results, then pipeline.Saved.
-FORWARD_OUTPUTS = pipeline.Forward._fields[:-1] + pipeline.Saved._fields
+FORWARD_OUTPUTS = pipeline.OUTPUT_NAMES
 ForwardOutputs = tuple[(Tensor,) * len(FORWARD_OUTPUTS)]
 
 
@@ -35,7 +34,7 @@ def loss_forward(
     exchange: str = "",
 ) -> ForwardOutputs:
     out = pipeline.forward(
-        dispatch.kernels(backend), img, txt, ids,
+        dispatch.backend(backend), img, txt, ids,
         pipeline.Settings(margin, eps, mode, deterministic, allow_tf32),
         pipeline.exchange_for(exchange, img.shape[0]),
     )  # fmt: skip
@@ -92,7 +91,7 @@ def loss_backward(
         col_dense_weight, col_hard_weight, col_active, positive,
     )  # fmt: skip
     return pipeline.backward(
-        dispatch.kernels(backend), grad_loss, img, txt, ids, gated, hardest_index, saved,
+        dispatch.backend(backend), grad_loss, img, txt, ids, gated, hardest_index, saved,
         pipeline.Settings(margin, 0.0, "", deterministic, allow_tf32),
         pipeline.exchange_for(exchange, img.shape[0]),
     )  # fmt: skip

@@ -24,9 +24,9 @@ from torch import Tensor
 from .kernel_interface import (
     AnchorSide,
     AnchorWeights,
+    Backend,
     Block,
     DirectionStats,
-    FusedKernels,
     GatedAnchors,
     compute_dtype,
     count_negatives,
@@ -124,12 +124,16 @@ class Forward(NamedTuple):
     saved: Saved
 
 
+# The forward op's outputs, in order: the five (2, b) results, then Saved's fields.
+OUTPUT_NAMES = Forward._fields[:-1] + Saved._fields
+
+
 def _gather_ids(exchange: Exchange, ids: Tensor | None) -> Tensor | None:
     return None if ids is None else exchange.gather_rows("the ids all-gather", ids)
 
 
 def forward(
-    kernels: FusedKernels,
+    backend: Backend,
     img: Tensor,
     txt: Tensor,
     ids: Tensor | None,
@@ -139,18 +143,18 @@ def forward(
     """The forward of this process's b pairs within the global batch."""
     with torch.autocast(img.device.type, enabled=False):  # inputs carry the autocast dtype
         cols = exchange.gather_rows("the caption embedding all-gather", txt)
-        d_local = kernels.positive_scores(img, txt)
+        d_local = backend.positive_scores(img, txt)
         d_all = exchange.gather_rows("the positive score all-gather", d_local)
         ids_all = _gather_ids(exchange, ids)
         n_all = count_negatives(ids_all, exchange.total, img.device)
         block = Block(img, cols, d_all, exchange.offset, ids, ids_all)
-        row_stats, col_partial = kernels.partials(
+        row_stats, col_partial = backend.partials(
             block, settings.margin, deterministic=settings.deterministic,
             allow_tf32=settings.allow_tf32,
         )  # fmt: skip
         col_stats = exchange.merge_columns(col_partial)
         mine = slice(exchange.offset, exchange.offset + exchange.local)
-        row, col = kernels.finalize_both(
+        row, col = backend.finalize_both(
             AnchorSide(row_stats, d_local, n_all[mine]),
             AnchorSide(col_stats, d_all, n_all),
             settings.margin, settings.eps, settings.mode,
@@ -168,7 +172,7 @@ def forward(
 
 
 def backward(
-    kernels: FusedKernels,
+    backend: Backend,
     grad_loss: Tensor,
     img: Tensor,
     txt: Tensor,
@@ -191,7 +195,7 @@ def backward(
         col_up = exchange.gather_rows("the upstream gradient all-gather", up[1].contiguous())
         cols = exchange.gather_rows("the caption embedding all-gather", txt)
         block = Block(img, cols, saved.positive, exchange.offset, ids, _gather_ids(exchange, ids))
-        dense = kernels.dense_backward(
+        dense = backend.dense_backward(
             block, settings.margin,
             GatedAnchors(row_up * saved.row_dense_weight, col_up * saved.col_dense_weight,
                          gated[0], saved.col_gated),
@@ -199,7 +203,7 @@ def backward(
         )  # fmt: skip
         # One process casts the column gradient at once; several sum theirs first.
         one_process = exchange.local == exchange.total
-        grad_img, grad_cols = kernels.sparse_and_diagonal_backward(
+        grad_img, grad_cols = backend.sparse_and_diagonal_backward(
             block, dense,
             AnchorWeights(row_up, hardest_index[0], saved.row_dense_weight,
                           saved.row_hard_weight, saved.row_active),

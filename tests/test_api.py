@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_backend
@@ -253,7 +254,6 @@ def test_module_rejects_bad_options_at_construction():
 def test_numpy_scalars_are_numbers():
     """margin and eps accept NumPy scalars (as read from a config or an array), and give
     the loss of the same Python float."""
-    import numpy as np
     g = torch.Generator().manual_seed(11)
     img, txt = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     for margin, eps in ((np.float32(0.2), np.float64(0.05)), (np.int64(1), np.float16(0.5))):
@@ -317,11 +317,11 @@ def test_auto_order_on_cpu_never_picks_triton():
 
 def test_deterministic_none_follows_the_global_flag(monkeypatch):
     from selhn_ext import dispatch
-    from selhn_ext.chunked import ChunkedKernels
+    from selhn_ext.chunked import ChunkedBackend
 
     seen = []
 
-    class Recording(ChunkedKernels):
+    class Recording(ChunkedBackend):
         def partials(self, *args, deterministic=False, **kwargs):
             seen.append(deterministic)
             return super().partials(*args, deterministic=deterministic, **kwargs)

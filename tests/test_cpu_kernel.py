@@ -15,7 +15,7 @@ import torch
 from conftest import require_backend
 
 from selhn_ext import selhn_loss
-from selhn_ext.chunked import ChunkedKernels
+from selhn_ext.chunked import ChunkedBackend
 from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
 from selhn_ext.options import MODES, REDUCTIONS
 from selhn_ext.reference import Decisions, selhn_loss_reference
@@ -260,13 +260,13 @@ def test_nan_propagates_to_max_arg_and_loss():
         img, txt = make_batch(70, 8, dtype, seed=3)
         img[3, 0] = float("nan")  # S row 3 is all NaN, so is every column's entry in row 3
         d = positive_scores(img, txt)
-        rows, cols = ops.COMPILED_KERNELS.partials(Block(img, txt, d), MARGIN)
+        rows, cols = ops.COMPILED_BACKEND.partials(Block(img, txt, d), MARGIN)
         assert torch.isnan(rows.max[3]) and rows.arg[3] == 0  # smallest index among NaNs
         assert torch.isnan(rows.hinge_sum[3])
         others = torch.arange(70) != 3
         assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()
         assert not torch.isnan(cols.max[3])
-        ref_rows, ref_cols = ChunkedKernels().partials(Block(img, txt, d), MARGIN)
+        ref_rows, ref_cols = ChunkedBackend().partials(Block(img, txt, d), MARGIN)
         assert torch.equal(rows.arg, ref_rows.arg) and torch.equal(cols.arg, ref_cols.arg)
         loss = selhn_loss(img, txt, backend="cpu")
         assert torch.isnan(loss)
@@ -332,8 +332,8 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
-    got = ops.COMPILED_KERNELS.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
-    ref = ChunkedKernels(chunk_rows=32).partials(
+    got = ops.COMPILED_BACKEND.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
+    ref = ChunkedBackend(chunk_rows=32).partials(
         Block(rows, cols, d, off, row_ids, col_ids), MARGIN
     )
     for a, c in zip(got, ref, strict=True):
@@ -352,15 +352,15 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
             MARGIN,
             GatedAnchors(coef_r, coef_c, gated_r, gated_c),
         )
-        g_rows, g_cols = ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
-        r_rows, r_cols = ChunkedKernels(chunk_rows=32).dense_backward(*args)
+        g_rows, g_cols = ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
+        r_rows, r_cols = ChunkedBackend(chunk_rows=32).dense_backward(*args)
         assert_close(g_rows, r_rows, tol * 10, "grad rows")
         assert_close(g_cols, r_cols, tol * 10, "grad cols")
 
 
 def backward_tiles(ops, args, deterministic):
     torch.ops.selhn._cpu_backward_tile_count(True)
-    ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
+    ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
     return torch.ops.selhn._cpu_backward_tile_count(True)
 
 
@@ -416,7 +416,7 @@ def run_everything(ops, deterministic):
     """Partials, then the dense backward in the compacted (10% gated) and the merged (40%
     gated) regime."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
-    partial = ops.COMPILED_KERNELS.partials(
+    partial = ops.COMPILED_BACKEND.partials(
         Block(rows, cols, d, 0, row_ids, col_ids), MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
@@ -426,7 +426,7 @@ def run_everything(ops, deterministic):
         gated_r = torch.rand(333, generator=gen) < fraction
         gated_c = torch.rand(333, generator=gen) < fraction
         assert regime_is_merged(333, 333, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
-        grads += ops.COMPILED_KERNELS.dense_backward(
+        grads += ops.COMPILED_BACKEND.dense_backward(
             Block(rows, cols, d, 0, row_ids, col_ids), MARGIN,
             GatedAnchors(coef, coef, gated_r, gated_c),
             deterministic=deterministic,
@@ -506,13 +506,13 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     outputs = {}
     for path in paths:
         simd_path(path)
-        stats = ops.COMPILED_KERNELS.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
+        stats = ops.COMPILED_BACKEND.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
         out = [t for direction in stats for t in direction]
         for fraction, merged in ((0.1, False), (0.7, True)):
             gated_r, gated_c = (g < fraction for g in gates[merged])
             assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
             for deterministic in (False, True):
-                out += ops.COMPILED_KERNELS.dense_backward(
+                out += ops.COMPILED_BACKEND.dense_backward(
                     Block(rows, cols, d, off, row_ids, col_ids), MARGIN,
                     GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
                     deterministic=deterministic,
@@ -522,7 +522,7 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
         for k, (x, y) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
             assert torch.equal(x, y), f"{path} output {k} differs from the portable path"
     # The outputs are right, not only equal: the chunked kernels agree.
-    ref = ChunkedKernels(chunk_rows=32).partials(
+    ref = ChunkedBackend(chunk_rows=32).partials(
         Block(rows, cols, d, off, row_ids, col_ids), MARGIN
     )
     for got, want in zip((stats[0], stats[1]), ref, strict=True):

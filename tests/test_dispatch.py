@@ -15,7 +15,7 @@ def _huge(batch: int, dim: int = 4, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(1, 1, dtype=dtype).expand(batch, dim)
 
 
-def test_backend_status_reports_a_batch_over_the_compiled_kernels_limit():
+def test_backend_status_reports_a_batch_over_the_compiled_backend_limit():
     limit = dispatch.COMPILED_MAX_COLUMNS
     over, at = _huge(limit + 1), _huge(limit)
     reason = f"takes at most N = {limit:,} pairs"
@@ -63,11 +63,11 @@ def test_status_shows_the_variant_and_use_variant_checks_names():
             pass
 
 
-def test_use_kernels_restores_the_backend_object():
-    from selhn_ext.chunked import ChunkedKernels
+def test_use_backend_restores_the_backend_object():
+    from selhn_ext.chunked import ChunkedBackend
 
-    before = dispatch.kernels("chunked")
-    replacement = ChunkedKernels(chunk_rows=3)
-    with dispatch.use_kernels("chunked", replacement):
-        assert dispatch.kernels("chunked") is replacement
-    assert dispatch.kernels("chunked") is before
+    before = dispatch.backend("chunked")
+    replacement = ChunkedBackend(chunk_rows=3)
+    with dispatch.use_backend("chunked", replacement):
+        assert dispatch.backend("chunked") is replacement
+    assert dispatch.backend("chunked") is before

@@ -22,7 +22,7 @@ from conftest import require_backend
 
 import selhn_ext
 from selhn_ext import dispatch
-from selhn_ext.chunked import ChunkedKernels
+from selhn_ext.chunked import ChunkedBackend
 from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
 from selhn_ext.reference import Decisions, selhn_loss_reference
 
@@ -44,10 +44,10 @@ def _kernels():
     return _triton
 
 
-def triton_kernels():
+def triton_backend():
     """The Triton backend object of the variant in use."""
     _kernels()
-    return dispatch.kernels("triton")
+    return dispatch.backend("triton")
 
 
 @contextlib.contextmanager
@@ -267,8 +267,8 @@ def test_partials_match_chunked_with_row_offset(dtype):
     rows, cols = img.detach()[70:230], txt.detach()
     ids = make_ids(300, 11)
     d = positive_scores(img.detach(), txt.detach())
-    got = triton_kernels().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
-    want = ChunkedKernels().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
+    got = triton_backend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
+    want = ChunkedBackend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
     for g, w in zip(got, want, strict=False):
         torch.testing.assert_close(g.max, w.max, rtol=0, atol=1e-5)
         torch.testing.assert_close(g.hinge_sum, w.hinge_sum, rtol=1e-5, atol=1e-4)
@@ -293,7 +293,7 @@ def test_exact_ties_zero_signs_and_eps():
     s[2, 5] = 0.0
     txt = s.T.contiguous().to(DEVICE)
     d = positive_scores(img, txt)
-    row, col = triton_kernels().partials(Block(img, txt, d), MARGIN)
+    row, col = triton_backend().partials(Block(img, txt, d), MARGIN)
     assert row.arg[0].item() == 2 and col.arg[1].item() == 3
     assert row.arg[2].item() == 3 and row.max[2].item() == 0.0
     assert not torch.signbit(row.max[2]).item()
@@ -314,8 +314,8 @@ def test_nan_propagates_to_max_index_and_sums():
     rows, cols = img.detach().clone(), txt.detach().clone()
     rows[5, 3] = float("nan")
     d = positive_scores(rows, cols)
-    row, col = triton_kernels().partials(Block(rows, cols, d), MARGIN)
-    want_row, want_col = ChunkedKernels().partials(Block(rows, cols, d), MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
+    want_row, want_col = ChunkedBackend().partials(Block(rows, cols, d), MARGIN)
     assert torch.isnan(row.max[5]) and row.arg[5].item() == want_row.arg[5].item()
     assert torch.isnan(row.hinge_sum[5])
     # Every column sees the NaN of row 5 (all but column 5 as a valid negative).
@@ -339,16 +339,16 @@ def test_backward_recomputes_the_forward_active_set(dtype, path):
     cols[:, 0] = 1.0
     rows[:, 1] = 1.0
     d = positive_scores(rows, cols)
-    row, col = triton_kernels().partials(Block(rows, cols, d), MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
     ones = torch.ones(200, device=DEVICE)
     yes = torch.ones(200, dtype=torch.bool, device=DEVICE)
     no = torch.zeros_like(yes)
     # P = 128: the panel path spans two panels on each side.
     with backward_path(path, panel_size=128 if path == "panel" else None):
-        grad_rows, _ = triton_kernels().dense_backward(
+        grad_rows, _ = triton_backend().dense_backward(
             Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, yes, no)
         )
-        _, grad_cols = triton_kernels().dense_backward(
+        _, grad_cols = triton_backend().dense_backward(
             Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, no, yes)
         )
     assert torch.equal(grad_rows[:, 0], row.active.float())
@@ -488,14 +488,14 @@ def test_dense_backward_with_row_offset(dtype, path):
     d = positive_scores(rows.double(), cols[offset : offset + b].double())
     col_pos = positive_scores(cols.double(), cols.double())
     col_pos[offset : offset + b] = d
-    want = ChunkedKernels().dense_backward(
+    want = ChunkedBackend().dense_backward(
         Block(rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
               ids.cpu()),
         margin, GatedAnchors(row_coef.double(), col_coef.double(), row_gated, col_gated),
     )  # fmt: skip
     rows, cols, col_pos = (t.to(DEVICE) for t in (rows, cols, col_pos.float()))
     with backward_path(path, panel_size=128 if path == "panel" else None):
-        got = triton_kernels().dense_backward(
+        got = triton_backend().dense_backward(
             Block(rows, cols, col_pos, offset, ids[offset : offset + b], ids), margin,
             GatedAnchors(*(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated))),
         )  # fmt: skip
@@ -522,12 +522,12 @@ def test_dense_backward_propagates_nan(path):
         col_gated = torch.rand(200, generator=gen) < 0.5
         col_gated[5] = nan_column_gated
         tensors = (rows, cols, d, coef, coef, row_gated, col_gated)
-        want = ChunkedKernels().dense_backward(
+        want = ChunkedBackend().dense_backward(
             Block(rows, cols, d), MARGIN, GatedAnchors(*tensors[3:])
         )
         on_device = [t.to(DEVICE) for t in tensors]
         with backward_path(path, panel_size=128 if path == "panel" else None):
-            got = triton_kernels().dense_backward(
+            got = triton_backend().dense_backward(
                 Block(*on_device[:3]), MARGIN, GatedAnchors(*on_device[3:])
             )
         assert torch.isnan(got[0]).any()
@@ -537,13 +537,13 @@ def test_dense_backward_propagates_nan(path):
 
 def test_backward_path_switches():
     _kernels()
-    from selhn_ext._triton import VARIANTS, TritonKernels, backward
+    from selhn_ext._triton import VARIANTS, TritonBackend, backward
 
     # dispatch lists the variants the backend implements, the default first.
     assert dispatch.REGISTRY["triton"].variants == VARIANTS
     assert dispatch.variant("triton") == os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
     with backward_path("panel"):
-        assert dispatch.variant("triton") == "panel" and triton_kernels().variant == "panel"
+        assert dispatch.variant("triton") == "panel" and triton_backend().variant == "panel"
     img, txt = make_batch(20, 16, torch.float32, "collapsed", 2)
     d = positive_scores(img.detach(), txt.detach())
     coef = torch.ones(20, device=DEVICE)
@@ -552,9 +552,9 @@ def test_backward_path_switches():
     with pytest.raises(ValueError, match="not a variant"), backward_path("neither"):
         pass
     with pytest.raises(ValueError, match="backward variant"):
-        TritonKernels("neither")
+        TritonBackend("neither")
     with backward_path("panel", panel_size=100), pytest.raises(ValueError, match="multiple"):
-        triton_kernels().dense_backward(*args)
+        triton_backend().dense_backward(*args)
     # P follows 2 D within its bounds, and never exceeds the anchors there are.
     assert backward.panel_size(512, 16384) == 1024
     assert backward.panel_size(200, 16384) == 512
@@ -572,7 +572,7 @@ def test_backward_path_comes_from_the_environment():
         "x = torch.randn(4, 3)\n"
         "print(selhn_ext.backend_status(x, x).variants['triton'])\n"
         "print(selhn_ext.backend_status(x, x)['triton'])\n"
-        "print(dispatch.kernels('triton').variant if sys.argv[1] == 'panel' else '-')\n"
+        "print(dispatch.backend('triton').variant if sys.argv[1] == 'panel' else '-')\n"
         "selhn_ext.selhn_loss(x, x, backend='triton')\n"
     )
     outputs = {}
@@ -651,7 +651,7 @@ MEMORY_CHILD = textwrap.dedent(
         return img, txt, d, coef, gated
 
     def loss_pass(img, txt, d, coef, gated):
-        kernels = dispatch.kernels("triton")  # the variant SELHN_TRITON_BACKWARD names
+        kernels = dispatch.backend("triton")  # the variant SELHN_TRITON_BACKWARD names
         outputs = [*kernels.partials(Block(img, txt, d), 0.2)[0]]
         outputs += kernels.dense_backward(
             Block(img, txt, d), 0.2, GatedAnchors(coef, coef, gated, gated)

@@ -8,7 +8,7 @@
     forward.py            the forward launcher (``partials``)
     backward.py           the backward launchers (``dense_backward``, ``compact``)
 
-``TritonKernels(variant)`` implements ``partials`` and ``dense_backward`` of
+``TritonBackend(variant)`` implements ``partials`` and ``dense_backward`` of
 ``kernel_interface.py``; the variant names the dense backward (``backward.VARIANTS``),
 chosen by dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing`` holds the test-only
 switches (reversed block order, recomputed-tile counter, panel size).
@@ -24,7 +24,7 @@ from .config import CONFIGS, BlockConfig, testing
 from .forward import partials
 
 
-class TritonKernels(PyTorchGlue):
+class TritonBackend(PyTorchGlue):
     """The kernel interface of kernel_interface.py as fused Triton passes."""
 
     def __init__(self, variant: str | None = None) -> None:
@@ -50,4 +50,4 @@ class TritonKernels(PyTorchGlue):
         )  # fmt: skip
 
 
-__all__ = ["CONFIGS", "VARIANTS", "BlockConfig", "TritonKernels", "compact", "testing"]
+__all__ = ["CONFIGS", "VARIANTS", "BlockConfig", "TritonBackend", "compact", "testing"]
