@@ -474,7 +474,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loss_fn(config: TrainConfig, mode: str, distributed: bool) -> LossFn:
-    """``(img, txt, ids) -> (loss, stats)`` with the run's options, reduction "mean"."""
+    """``(img, txt, ids) -> (loss, stats)`` with the run's options and ``mode``'s reduction."""
     if distributed:
         try:
             from selhn_ext.distributed import selhn_loss
@@ -487,7 +487,8 @@ def make_loss_fn(config: TrainConfig, mode: str, distributed: bool) -> LossFn:
 
     def loss_fn(img: Tensor, txt: Tensor, ids: Tensor | None) -> tuple[Tensor, Any]:
         return selhn_loss(
-            img, txt, margin=config.margin, eps=config.eps, mode=mode, reduction="mean",
+            img, txt, margin=config.margin, eps=config.eps, mode=mode,
+            reduction=config.reduction_for_mode(mode),
             ids=ids, backend=config.backend, return_stats=True,
         )  # fmt: skip
 
@@ -556,7 +557,7 @@ def train(
     Returns a summary: best dev rsum and epoch, the last epoch's metrics, steps, paths.
     """
     from .data import ImageCaptionDataset
-    from .evaluate import encode_split, retrieval_metrics
+    from .evaluate import encode_split, first_captions, retrieval_metrics
     from .model import build_model
     from .precomp import load_split
 
@@ -582,6 +583,7 @@ def train(
     train_split = load_split(data_dir, "train", config.captions_per_image)
     dev_split = load_split(data_dir, config.dev_split, config.captions_per_image)
     vocab = build_vocabulary(config, train_split, checkpoint["vocab"] if checkpoint else None)
+    dev_split = first_captions(dev_split, config.dev_captions)  # model selection's captions
     cache_dir = token_cache_dir(config, data_dir, out_dir)
     train_text = make_text(config, train_split, vocab, train=True, cache_dir=cache_dir)
     dev_text = make_text(config, dev_split, vocab, train=False, cache_dir=cache_dir)
@@ -751,7 +753,7 @@ def train(
                     img_emb, txt_emb, img_index = encode_split(
                         model, dev_split, config.eval_batch_size, device, text=dev_text
                     )
-                    metrics = retrieval_metrics(img_emb, txt_emb, img_index)
+                    metrics = retrieval_metrics(img_emb, txt_emb, img_index, rule=config.rank_rule)
                 set_training_mode(model, config)
                 last_metrics = {key: float(value) for key, value in metrics.items()}
                 row = {
@@ -834,16 +836,10 @@ def build_vocabulary(
     config: TrainConfig, train_split: Any, saved: Mapping[str, Any] | None = None
 ) -> Any:
     """The BiGRU vocabulary (None for MiniLM): from a checkpoint, ``vocab_path``, or built
-    from the training captions."""
-    from .data import Vocabulary, text_source
+    by ``vocab_build`` (see :func:`rvsepp.data.build_vocabulary`)."""
+    from .data import build_vocabulary as build
 
-    if config.text_encoder != "bigru":
-        return None
-    if saved is not None:
-        return Vocabulary.from_dict(saved, source="checkpoint")
-    if config.vocab_path:
-        return Vocabulary.load(config.vocab_path)
-    return Vocabulary.build(train_split.captions, source=text_source(train_split))
+    return build(config, train_split, saved)
 
 
 def token_cache_dir(config: TrainConfig, data_dir: Any, out_dir: Any) -> Path:
@@ -866,6 +862,7 @@ def make_text(
         augmentation = TokenAugmentation(
             select=config.token_select_prob, mask=config.token_mask_prob,
             replace=config.token_replace_prob, delete=config.token_delete_prob,
+            rule=config.token_augment_rule,
         )  # fmt: skip
     cache_path = None
     if config.text_encoder == "minilm" and not config.minilm_finetune and cache_dir is not None:
@@ -873,6 +870,7 @@ def make_text(
     return make_text_side(
         config.text_encoder, split.captions, vocab=vocab, augmentation=augmentation,
         finetune=config.minilm_finetune, cache_path=cache_path, source=text_source(split),
+        word_tokenizer=config.tokenizer,
     )  # fmt: skip
 
 
@@ -904,12 +902,15 @@ _RESUME_MUST_MATCH = (
     "embed_dim", "text_encoder", "word_dim", "minilm_finetune", "minilm_lr_scale",
     "gpo_pe_dim", "gpo_hidden", "freeze_batchnorm", "augment", "region_dropout",
     "token_select_prob", "token_mask_prob", "token_replace_prob", "token_delete_prob", "seed",
-    "captions_per_image", "chunk_size",
+    "captions_per_image", "chunk_size", "loss_reduction", "baseline_reduction", "tokenizer",
+    "vocab_build", "image_bn_stats", "image_mlp", "token_augment_rule", "dev_captions",
+    "rank_rule",
 )  # fmt: skip
 
 
 def _check_resume_config(config: TrainConfig, checkpoint: Mapping[str, Any], path: Any) -> None:
-    saved = checkpoint["config"]
+    # A field missing from an older checkpoint had its default's meaning.
+    saved = {**TrainConfig().to_dict(), **checkpoint["config"]}
     differing = [
         f"{name}: checkpoint {saved.get(name)!r}, now {getattr(config, name)!r}"
         for name in _RESUME_MUST_MATCH

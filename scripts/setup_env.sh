@@ -66,6 +66,14 @@ pip_with_progress install --upgrade "pip>=23" "setuptools>=77" wheel
 # build. NumPy before the build, so that torch imports cleanly inside it.
 say "installing torch 2.13.0 (CPU), triton 3.7.1, numpy, ninja and ruff"
 pip_with_progress install "torch==2.13.0" "triton==3.7.1" "ruff==0.14.0" numpy ninja
+# SIMDe's headers let a CPU without AVX-512 build and test the AVX-512 kernels
+# (csrc/selhn_cpu_avx512_emulated.cpp); the test of every kernel path needs them.
+if [ ! -f /usr/include/simde/x86/avx512.h ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing SIMDe's headers (libsimde-dev), to test the AVX-512 kernels here"
+    apt-get install -y -q libsimde-dev >>"$LOG" 2>&1 ||
+        { apt-get update -q >>"$LOG" 2>&1 && apt-get install -y -q libsimde-dev >>"$LOG" 2>&1; } ||
+        say "could not install libsimde-dev; the AVX-512 kernels will not be tested here"
+fi
 # --no-build-isolation: compile the C++ kernels against the torch installed above.
 say "installing selhn with every extra and compiling its C++ kernels (1 to 3 minutes)"
 pip_with_progress install --no-build-isolation -e ".[all]"

@@ -158,11 +158,9 @@ REGISTRY: dict[str, Registration] = {
                 lambda v: ChunkedBackend()),
         Registration("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing,
                 lambda v: compiled_backend(), _compiled_limits),
-        # The Triton dense backward: "tiles" (each recomputed tile adds its products into
-        # the gradients) or "panel" (tensor-core GEMMs over panels of the activity matrix).
+        # The Triton dense backward's variants (one so far, "panels"; _triton/backward.py).
         Registration("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton,
-                _triton_limits, variants=("tiles", "panel"),
-                variant_env="SELHN_TRITON_BACKWARD"),
+                _triton_limits, variants=("panels",), variant_env="SELHN_TRITON_BACKWARD"),
         Registration("cuda", ("cuda",), _FLOAT16, _compiled_missing,
                 lambda v: compiled_backend(), _cuda_limits),
     )

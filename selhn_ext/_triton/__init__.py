@@ -3,15 +3,15 @@
     tile.py               @triton.jit building blocks shared by every kernel (S tile,
                           validity, packed max keys, hinge)
     forward_kernels.py    the forward kernel (row and column statistics in one pass)
-    backward_kernels.py   compaction and the gated anchors' dense backward kernels
+    backward_kernels.py   compaction, W panels and gradient products of the gated anchors
     config.py             block configurations, grid splits, test switches
     forward.py            the forward launcher (``partials``)
     backward.py           the backward launchers (``dense_backward``, ``compact``)
 
 ``TritonBackend(variant)`` implements ``partials`` and ``dense_backward`` of
-``kernel_interface.py``; the variant names the dense backward (``backward.VARIANTS``),
-chosen by dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing`` holds the test-only
-switches (reversed block order, recomputed-tile counter, panel size).
+``kernel_interface.py``; the variant names the dense backward (``backward.VARIANTS``, one
+so far: ``panels``), chosen by dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing``
+holds the test-only switches (reversed work order, recomputed-tile counter, panel size).
 """
 
 from __future__ import annotations

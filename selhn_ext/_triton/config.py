@@ -56,8 +56,8 @@ class TestingSwitches:
     ``reverse_block_order``: every kernel visits its program ids in reverse order.
     ``tile_counter``: a (1,) int32 device tensor the backward kernels increment once per
     recomputed S tile.
-    ``panel_size``: the panel backward's P (a positive multiple of PANEL_UNIT), so that
-    small batches span several panels (None: ``panel_size()``).
+    ``panel_size``: the backward's P, gated anchors per panel (a positive multiple of
+    PANEL_UNIT), so that small batches span several panels (None: ``panel_size()``).
     """
 
     reverse_block_order: bool = False
