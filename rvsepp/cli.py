@@ -165,7 +165,7 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 
     config = TrainConfig()
     if args.resume is not None and args.config is None:
-        from .train import load_checkpoint
+        from .checkpoint import load_checkpoint
 
         config = config_from_dict(load_checkpoint(args.resume)["config"], source=str(args.resume))
     if args.config is not None:
@@ -226,10 +226,11 @@ def format_metrics_table(metrics: dict[str, float], title: str) -> str:
 def _command_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .build import make_text, token_cache_dir
+    from .checkpoint import load_checkpoint, model_from_checkpoint
     from .config import config_from_dict
     from .evaluate import encode_split, fold5_metrics, retrieval_metrics
     from .precomp import load_split
-    from .train import load_checkpoint, make_text, model_from_checkpoint, token_cache_dir
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")

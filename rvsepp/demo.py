@@ -147,12 +147,12 @@ def run_demo(
 
 
 def _load_for_test(checkpoint_path: Path, config: TrainConfig, features_dir: Path) -> Any:
+    from .build import make_text
+    from .checkpoint import load_checkpoint, model_from_checkpoint
     from .precomp import load_split
-    from .train import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     model, vocab = model_from_checkpoint(checkpoint, "cpu")
-    from .train import make_text
 
     split = load_split(features_dir, "test")
     text = make_text(config, split, vocab, train=False, cache_dir=features_dir)

@@ -315,12 +315,12 @@ def test_resume_rejects_a_different_recipe(emoji48, tmp_path):
 def test_interrupted_checkpoint_write_keeps_the_last_good_one(emoji48, tmp_path, monkeypatch):
     """A run stopped at step 2 wrote last.pt; its continuation dies halfway through writing
     the next last.pt: the step-2 checkpoint is still there, whole, and no temporary is left."""
-    import rvsepp.train as train_module
+    import rvsepp.checkpoint as checkpoint_module
 
     config = small_config(epochs=1)
     train(config.replace(max_steps=2), emoji48, tmp_path)
     good = (tmp_path / "last.pt").read_bytes()
-    real = train_module._serialize
+    real = checkpoint_module._serialize
 
     def failing_serialize(payload, handle):
         if ".last.pt." in Path(handle.name).name:
@@ -329,7 +329,7 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(emoji48, tmp_path,
             raise OSError("no space left on device")
         real(payload, handle)
 
-    monkeypatch.setattr(train_module, "_serialize", failing_serialize)
+    monkeypatch.setattr(checkpoint_module, "_serialize", failing_serialize)
     with pytest.raises(OSError, match="no space left"):
         train(config, emoji48, tmp_path, resume=tmp_path / "last.pt")
     assert (tmp_path / "best.pt").is_file()  # written just before the failing last.pt
@@ -341,7 +341,7 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(emoji48, tmp_path,
 
 
 def test_atomic_save_failure_leaves_the_old_file(tmp_path, monkeypatch):
-    import rvsepp.train as train_module
+    import rvsepp.checkpoint as checkpoint_module
 
     path = tmp_path / "last.pt"
     atomic_save({"format": 1, "value": torch.tensor([1.0])}, path)
@@ -351,7 +351,7 @@ def test_atomic_save_failure_leaves_the_old_file(tmp_path, monkeypatch):
         handle.write(b"x" * 100)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(train_module, "_serialize", broken)
+    monkeypatch.setattr(checkpoint_module, "_serialize", broken)
     with pytest.raises(RuntimeError, match="killed"):
         atomic_save({"format": 1, "value": torch.tensor([2.0])}, path)
     assert path.read_bytes() == before

@@ -1,0 +1,155 @@
+"""What a run writes besides checkpoints: ``steps.csv``, ``metrics.csv``, TensorBoard
+events, ``curves.png``, and the line printed after each epoch."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .progress import Progress
+
+STEP_COLUMNS = (
+    "step", "epoch", "mode", "loss", "lr", "gated_r", "gated_c", "near_tie_r", "near_tie_c",
+    "grad_norm_image", "grad_norm_text",
+)  # fmt: skip
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+METRICS_COLUMNS = (
+    "epoch", "step", "mode", "lr", "train_loss", "gated_r", "gated_c", "near_tie_r",
+    "near_tie_c", *METRIC_KEYS, "rsum", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr",
+    "seconds",
+)  # fmt: skip
+
+
+class CsvLog:
+    """Appends rows to a CSV file, flushed per row; on resume, rows past the checkpoint
+    (written after it, before a crash) are dropped first."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], *, keep: Callable | None) -> None:
+        self.path = path
+        self.columns = columns
+        kept: list[dict[str, str]] = []
+        if keep is not None and path.is_file():
+            with open(path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if keep(row)]
+        self.handle = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.handle.flush()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.writer.writerow({key: _format_cell(row[key]) for key in self.columns})
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _format_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    return value
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def tensorboard_writer(out_dir: Path, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def plot_curves(out_dir: str | os.PathLike) -> Path | None:
+    """Draw ``curves.png`` from ``steps.csv`` and ``metrics.csv``; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: curves.png not drawn", file=sys.stderr)
+        return None
+    out_dir = Path(out_dir)
+    steps = read_csv(out_dir / "steps.csv")
+    metrics = read_csv(out_dir / "metrics.csv") if (out_dir / "metrics.csv").is_file() else []
+
+    def column(rows: list[dict[str, str]], name: str) -> list[float]:
+        return [float(row[name]) for row in rows]
+
+    x = column(steps, "step")
+    figure, axes = plt.subplots(5, 1, figsize=(8, 14), sharex=True)
+    axes[0].plot(x, column(steps, "loss"), lw=0.8)
+    axes[0].set_ylabel("loss")
+    if metrics:
+        axes[1].plot(column(metrics, "step"), column(metrics, "rsum"), marker="o")
+    axes[1].set_ylabel("dev rsum")
+    for axis, name in ((axes[2], "gated"), (axes[3], "near_tie")):
+        axis.plot(x, column(steps, f"{name}_r"), lw=0.8, label="image anchors (r)")
+        axis.plot(x, column(steps, f"{name}_c"), lw=0.8, label="caption anchors (c)")
+        axis.set_ylabel(f"{name.replace('_', '-')} fraction")
+        axis.legend(loc="upper right")
+    axes[4].plot(x, column(steps, "grad_norm_image"), lw=0.8, label="image encoder")
+    axes[4].plot(x, column(steps, "grad_norm_text"), lw=0.8, label="text encoder")
+    axes[4].set_ylabel("gradient norm")
+    axes[4].set_xlabel("step")
+    axes[4].legend(loc="upper right")
+    figure.tight_layout()
+    path = out_dir / "curves.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def format_epoch_line(epoch: int, metrics: Mapping[str, float], gated: tuple[float, float]) -> str:
+    """The line printed after each epoch (its layout is part of the command-line contract)."""
+    i2t = " ".join(f"{metrics[k]:.2f}" for k in METRIC_KEYS[:3])
+    t2i = " ".join(f"{metrics[k]:.2f}" for k in METRIC_KEYS[3:])
+    return (
+        f"epoch {epoch}  dev rsum {metrics['rsum']:.2f}  i2t {i2t}  t2i {t2i}  "
+        f"gated r/c {gated[0]:.3f}/{gated[1]:.3f}"
+    )
+
+
+class RunLogs:
+    """``steps.csv``, ``metrics.csv`` and TensorBoard of one run; on resume, rows written
+    after the checkpoint (before a crash) are dropped first."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, resumed: Progress | None) -> None:
+        keep_steps = keep_epochs = None
+        if resumed is not None:
+            step, epoch = resumed.step, resumed.epoch
+            keep_steps = lambda row: int(row["step"]) <= step  # noqa: E731
+            keep_epochs = lambda row: int(row["epoch"]) <= epoch  # noqa: E731
+        self.steps = CsvLog(out_dir / "steps.csv", STEP_COLUMNS, keep=keep_steps)
+        self.metrics = CsvLog(out_dir / "metrics.csv", METRICS_COLUMNS, keep=keep_epochs)
+        self.tensorboard = tensorboard_writer(out_dir, config.tensorboard)
+
+    def write_step(self, row: Mapping[str, Any], step: int) -> None:
+        self.steps.write(row)
+        if self.tensorboard is not None:
+            for key in STEP_COLUMNS[3:]:
+                self.tensorboard.add_scalar(f"train/{key}", row[key], step)
+
+    def write_epoch(self, row: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
+        self.metrics.write(row)
+        if self.tensorboard is not None:
+            for key in (*METRIC_KEYS, "rsum"):
+                self.tensorboard.add_scalar(f"dev/{key}", metrics[key], step)
+
+    def close(self) -> None:
+        self.steps.close()
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
