@@ -8,7 +8,7 @@ the feature dimension.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 import random
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .config import TrainConfig
 
 CHECKPOINT_FORMAT = 1
@@ -31,27 +32,13 @@ def _serialize(payload: Mapping[str, Any], handle: Any) -> None:
 def atomic_save(payload: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``payload`` to ``path`` so that ``path`` is always the old or the new file.
 
-    Written to a temporary file in the same folder, flushed and fsynced, then renamed over
-    ``path`` (atomic on POSIX) and the folder fsynced. A failure midway removes the
-    temporary file and leaves ``path`` untouched.
+    Serialized in memory first, so a failing disk shows up as an ``OSError`` of our own
+    write (a :class:`~rvsepp.atomic.WriteError` naming the path and the cause), not as an
+    error deep inside torch's zip writer; then written atomically.
     """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            _serialize(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # not every file system can fsync a folder
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    buffer = io.BytesIO()
+    _serialize(payload, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:

@@ -10,13 +10,13 @@ leaves only complete files; a split is marked done with the sizes of its files, 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_bytes, fsync_folder, remove_stale_temporaries
 from .extract_inputs import SPLITS, FeatureExtractionError, SplitPlan
 from .precomp import split_files
 from .region_encoder import FEATURE_DIM, GRID
@@ -24,49 +24,18 @@ from .region_encoder import FEATURE_DIM, GRID
 STATE_DIR = ".extract-state"
 META_FILE = "meta.json"
 PLAN_FILE = "plan.json"
-TMP_MARK = ".tmp-"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    """Write via ``write(file)`` to a temporary name, fsync, then rename onto ``target``."""
-    tmp = target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(target.parent)
 
 
 def save_npy(target: Path, array: np.ndarray) -> None:
-    _atomic_write(target, lambda handle: np.save(handle, array, allow_pickle=False))
+    atomic_write(target, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 def save_lines(target: Path, lines: Sequence[str]) -> None:
-    payload = "".join(f"{line}\n" for line in lines).encode("utf-8")
-    _atomic_write(target, lambda handle: handle.write(payload))
+    atomic_write_bytes(target, "".join(f"{line}\n" for line in lines).encode("utf-8"))
 
 
 def save_json(target: Path, obj: dict) -> None:
-    payload = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    _atomic_write(target, lambda handle: handle.write(payload))
+    atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -76,14 +45,6 @@ def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
     except (OSError, ValueError, EOFError):
         return None
     return tuple(array.shape), array.dtype
-
-
-def remove_stale_temporaries(folder: Path, targets: set[str] | None = None) -> None:
-    """Delete temporaries left by an interrupted write (only those of ``targets`` if given)."""
-    for path in folder.iterdir():
-        target = path.name.split(TMP_MARK)[0]
-        if TMP_MARK in path.name and path.is_file() and (targets is None or target in targets):
-            path.unlink()
 
 
 def shard_path(state_dir: Path, split: str, start: int) -> Path:
@@ -134,20 +95,18 @@ def finish_split(out_dir: Path, state_dir: Path, plan: SplitPlan, shard_images: 
     """Join the split's shards into its final files, mark it done, drop the shards."""
     files = split_files(out_dir, plan.name)
     shape = (len(plan.images), GRID * GRID, FEATURE_DIM)
-    tmp = files.images.with_name(f"{files.images.name}{TMP_MARK}{os.getpid()}")
-    try:
-        joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        for start, stop in plan.shards(shard_images):
-            joined[start:stop] = np.load(shard_path(state_dir, plan.name, start), mmap_mode="r")
-        joined.flush()
-        del joined
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, files.images)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(out_dir)
+
+    def join_shards(handle: Any) -> None:
+        # Streamed with plain writes (not a memory map, where a full disk is a SIGBUS).
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32))}
+        np.lib.format.write_array_header_1_0(
+            handle, {**header, "fortran_order": False, "shape": shape}
+        )
+        for start, _ in plan.shards(shard_images):
+            shard = np.load(shard_path(state_dir, plan.name, start), mmap_mode="r")
+            handle.write(memoryview(np.ascontiguousarray(shard, dtype=np.float32)).cast("B"))
+
+    atomic_write(files.images, join_shards)
     save_lines(files.captions, plan.captions)
     save_npy(files.img_index, plan.img_index)
     save_lines(files.image_names, plan.images)
@@ -160,7 +119,7 @@ def remove_state(state_dir: Path) -> None:
     for path in state_dir.iterdir():
         path.unlink()
     state_dir.rmdir()
-    _fsync_dir(state_dir.parent)
+    fsync_folder(state_dir.parent)
 
 
 def check_output_folder(out_dir: Path, resume: bool) -> None:

@@ -4,6 +4,7 @@ events, ``curves.png``, and the line printed after each epoch."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, write_error
 from .config import TrainConfig
 from .progress import Progress
 
@@ -28,7 +30,8 @@ METRICS_COLUMNS = (
 
 class CsvLog:
     """Appends rows to a CSV file, flushed per row; on resume, rows past the checkpoint
-    (written after it, before a crash) are dropped first."""
+    (written after it, before a crash) are dropped first. The file starts as the header
+    and the kept rows, written atomically; a failing write names the file."""
 
     def __init__(self, path: Path, columns: tuple[str, ...], *, keep: Callable | None) -> None:
         self.path = path
@@ -37,18 +40,29 @@ class CsvLog:
         if keep is not None and path.is_file():
             with open(path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if keep(row)]
-        self.handle = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+        start = io.StringIO()
+        writer = csv.DictWriter(start, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_bytes(path, start.getvalue().encode("utf-8"))
+        try:
+            self.handle = open(path, "a", newline="")  # noqa: SIM115 (closed in close())
+        except OSError as error:
+            raise write_error(path, error) from None
         self.writer = csv.DictWriter(self.handle, fieldnames=columns)
-        self.writer.writeheader()
-        self.writer.writerows(kept)
-        self.handle.flush()
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self.writer.writerow({key: _format_cell(row[key]) for key in self.columns})
-        self.handle.flush()
+        try:
+            self.writer.writerow({key: _format_cell(row[key]) for key in self.columns})
+            self.handle.flush()
+        except OSError as error:
+            raise write_error(self.path, error) from None
 
     def close(self) -> None:
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:
+            pass  # a failed flush was already reported by write()
 
 
 def _format_cell(value: Any) -> Any:
@@ -108,8 +122,11 @@ def plot_curves(out_dir: str | os.PathLike) -> Path | None:
     axes[4].legend(loc="upper right")
     figure.tight_layout()
     path = out_dir / "curves.png"
-    figure.savefig(path, dpi=80)
+    image = io.BytesIO()
+    figure.savefig(image, dpi=80, format="png")
     plt.close(figure)
+    atomic_write_bytes(path, image.getbuffer())
+    return path
 
 
 def format_epoch_line(epoch: int, metrics: Mapping[str, float], gated: tuple[float, float]) -> str:

@@ -313,24 +313,29 @@ def test_resume_rejects_a_different_recipe(emoji48, tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_last_good_one(emoji48, tmp_path, monkeypatch):
-    """A run stopped at step 2 wrote last.pt; its continuation dies halfway through writing
-    the next last.pt: the step-2 checkpoint is still there, whole, and no temporary is left."""
+    """A run stopped at step 2 wrote last.pt; its continuation runs out of space halfway
+    through writing the next last.pt: the step-2 checkpoint is still there, whole, no
+    temporary is left, and the error names the file and the cause."""
+    import errno
+
+    import rvsepp.atomic as atomic
     import rvsepp.checkpoint as checkpoint_module
 
     config = small_config(epochs=1)
     train(config.replace(max_steps=2), emoji48, tmp_path)
     good = (tmp_path / "last.pt").read_bytes()
-    real = checkpoint_module._serialize
 
-    def failing_serialize(payload, handle):
-        if ".last.pt." in Path(handle.name).name:
-            real(payload, handle)
-            handle.truncate(handle.tell() // 2)  # half of the new checkpoint is on disk
-            raise OSError("no space left on device")
-        real(payload, handle)
+    def disk_fills_up(path, data):
+        def write_half(handle):
+            if Path(path).name == "last.pt":
+                handle.write(bytes(data)[: len(data) // 2])  # half of it is on disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+            handle.write(data)
 
-    monkeypatch.setattr(checkpoint_module, "_serialize", failing_serialize)
-    with pytest.raises(OSError, match="no space left"):
+        atomic.atomic_write(path, write_half)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", disk_fills_up)
+    with pytest.raises(OSError, match=r"cannot write .*last\.pt: no space left on the device"):
         train(config, emoji48, tmp_path, resume=tmp_path / "last.pt")
     assert (tmp_path / "best.pt").is_file()  # written just before the failing last.pt
     assert (tmp_path / "last.pt").read_bytes() == good
