@@ -272,6 +272,13 @@ class _Extraction:
                     f"encoder returned shape {tuple(regions.shape)}, expected "
                     f"{(len(names), GRID * GRID, FEATURE_DIM)}"
                 )
+            finite = np.isfinite(regions).reshape(len(names), -1).all(axis=1)
+            if not finite.all():
+                name = names[int(np.flatnonzero(~finite)[0])]
+                raise FeatureExtractionError(
+                    f"{self.image_root / name}: the encoder gave NaN or Inf features for it "
+                    f"(listed in {self.tsv}: line {plan.first_line[name]})"
+                )
             features[first - start : first - start + len(names)] = regions
             bar.update(len(names))
         return features

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .extract_inputs import FeatureExtractionError
+from .images import ImageModeError, to_rgb8
 
 ENCODER_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -25,7 +26,8 @@ FEATURE_DIM = 1280
 
 
 def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The image as (3, size, size) float32 in [-1, 1]; transparency composited on white."""
+    """The image as (3, size, size) float32 in [-1, 1]: any mode Pillow reads made 8-bit
+    RGB, transparency composited on white (:func:`rvsepp.images.to_rgb8`)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -34,16 +36,10 @@ def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
             opened.draft(None, (size, size))
             opened.load()
             image = ImageOps.exif_transpose(opened)
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                image.mode == "P" and "transparency" in image.info
-            )
-            if has_alpha:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
+            rgb = to_rgb8(image, path, opened.format)
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    except ImageModeError:
+        raise
     except (
         UnidentifiedImageError,
         Image.DecompressionBombError,
