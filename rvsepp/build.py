@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import remove_stale_temporaries
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     check_resume_config,
@@ -115,6 +117,8 @@ def make_text(
     cache_path = None
     if config.text_encoder == "minilm" and not config.minilm_finetune and cache_dir is not None:
         cache_path = Path(cache_dir) / f"minilm_states_{split.name or 'split'}.npz"
+        # A cache that is valid is never rewritten: clear what a killed write left of it.
+        remove_stale_temporaries(cache_path.parent, {cache_path.name})
     return make_text_side(
         config.text_encoder, split.captions, vocab=vocab, augmentation=augmentation,
         finetune=config.minilm_finetune, cache_path=cache_path, source=text_source(split),
@@ -151,6 +155,9 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     # Trainable parameters of the image encoder, the text encoder, and any others.
     param_groups: tuple[list, list, list] = ((), (), ())
+    # Names the run in its checkpoints (kept on resume): best.pt is only ever replaced by
+    # a checkpoint of the same run.
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     @property
     def device(self) -> torch.device:
@@ -172,6 +179,7 @@ class Run:
             "vocab": self.vocab.to_dict() if self.vocab is not None else None,
             "feature_dim": self.feature_dim,
             "world_size": self.dist.world_size,
+            "run_id": self.run_id,
         }
 
 
@@ -251,7 +259,10 @@ def build_run(
         pin_memory=device.type == "cuda", persistent_workers=False,
     )  # fmt: skip
     if len(sampler) == 0:
-        raise ValueError(f"no training batch: {len(dataset)} pairs, batch_size {config.batch_size}")
+        raise ValueError(
+            f"no training batch: the training split has {len(dataset)} pairs, and a batch "
+            f"needs at least 2 per process ({dist_info.world_size} processes)"
+        )
 
     run = Run(
         config=config, dist=dist_info, out_dir=out_dir, model=model, encoder=encoder,
@@ -266,6 +277,7 @@ def build_run(
         scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_states(checkpoint["rng"], device)
         run.progress = Progress.from_dict(checkpoint["progress"])
+        run.run_id = checkpoint.get("run_id") or run.run_id
     return run
 
 

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_bytes, fsync_folder, remove_stale_temporaries
+from .atomic import (
+    atomic_write,
+    atomic_write_bytes,
+    ensure_folder,
+    fsync_folder,
+    remove_stale_temporaries,
+)
 from .extract_inputs import SPLITS, FeatureExtractionError, SplitPlan
 from .precomp import split_files
 from .region_encoder import FEATURE_DIM, GRID
@@ -175,8 +181,7 @@ def verify_complete_output(out_dir: Path, plans: Sequence[SplitPlan], digest: st
 def open_state(out_dir: Path, digest: str, settings: dict[str, Any]) -> Path:
     """The state folder of an unfinished extraction: created with its plan file, or reused
     when its plan file records the same inputs and settings (``digest``)."""
-    state_dir = out_dir / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = ensure_folder(out_dir / STATE_DIR)
     remove_stale_temporaries(out_dir, {META_FILE, *output_names()})
     remove_stale_temporaries(state_dir)
     plan_file = state_dir / PLAN_FILE

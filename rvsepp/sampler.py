@@ -38,10 +38,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.skip = 0
         global_batch = batch_size * world_size
         if num_items < global_batch and drop_last:
+            processes = f" x {world_size} processes" if world_size > 1 else ""
             raise ValueError(
-                f"the training split has {num_items} pairs, fewer than one global batch of "
-                f"{global_batch} (batch_size {batch_size} x {world_size} processes); lower "
-                "batch_size or set drop_last false"
+                f"the training split has {num_items} pairs, fewer than one batch of "
+                f"{global_batch} (batch size {batch_size}{processes}); lower --batch-size, or "
+                "pass --set drop_last=false to train on the one smaller batch"
             )
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:

@@ -12,19 +12,27 @@ selects the best epoch on the dev split (rsum) and writes to ``out_dir``:
   ``best.pt`` (the best dev rsum so far), written atomically;
 * ``curves.png``: loss, dev rsum, gated and near-tie fractions and gradient norms.
 
+``out_dir`` never loses a run: one that holds a run is refused unless the run continues
+(``resume`` from its checkpoint) or ``overwrite`` moves it aside, and a run that fails
+before its first step leaves nothing behind (:mod:`rvsepp.run_folder`). Checkpoints carry
+a checksum checked on load; a non-finite loss or gradient stops the run with the step and
+the batch's rows.
+
 Where the parts live: the gradient cache (``chunk_size``) in :mod:`rvsepp.gradcache`, the
 batch sampler in :mod:`rvsepp.sampler`, checkpoints in :mod:`rvsepp.checkpoint`, the CSV
-logs and curves in :mod:`rvsepp.logs`, the process group, vocabulary and text sides in
-:mod:`rvsepp.build`. This module holds the loop: build the run, then per epoch the steps,
-the dev evaluation and the checkpoints.
+logs and curves in :mod:`rvsepp.logs`, the process group, vocabulary, text sides and the
+run's parts in :mod:`rvsepp.build`, the step and epoch records in :mod:`rvsepp.progress`.
+This module holds the loop: build the run, then per epoch the steps, the dev evaluation
+and the checkpoints.
 
 Data parallel (``torchrun --nproc_per_node N -m rvsepp train ...``): ``batch_size`` is per
 process; every step draws one global batch of ``N * batch_size`` pairs from one permutation
 shared by all ranks, and rank r takes rows ``[r * batch_size, (r + 1) * batch_size)``. The
 loss is ``selhn_ext.distributed.selhn_loss`` over the global batch; DDP averages parameter
 gradients over ranks, so the loss is multiplied by the world size before backward, which
-makes the gradient (and so the 2.0 clip) that of one process with the global batch. Only
-rank 0 evaluates and writes files.
+makes the gradient (and so the 2.0 clip) that of one process with the global batch. The
+logged gated and near-tie fractions are summed over ranks, so they too are the global
+batch's. Only rank 0 evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -51,20 +59,20 @@ from .build import (
 )
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_save,
     load_checkpoint,
     model_from_checkpoint,
+    save_checkpoint,
 )
 from .config import TrainConfig, save_config
 from .gradcache import LossFn, forward_backward
 from .logs import METRICS_COLUMNS, RunLogs, format_epoch_line, plot_curves, read_csv
 from .progress import EpochTotals, Progress, StepValues
+from .run_folder import RunFolder, RunFolderError
 from .sampler import GlobalBatchSampler, epoch_seed
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "GlobalBatchSampler",
-    "atomic_save",
     "build_vocabulary",
     "forward_backward",
     "load_checkpoint",
@@ -72,6 +80,7 @@ __all__ = [
     "make_text",
     "model_from_checkpoint",
     "read_csv",
+    "save_checkpoint",
     "token_cache_dir",
     "train",
 ]
@@ -108,27 +117,44 @@ def train(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     resume: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train RVSE++ on ``data_dir`` with ``config``; write logs and checkpoints to ``out_dir``.
 
     ``resume``: a ``last.pt`` (or ``best.pt``) of an earlier run of the same configuration;
     training continues exactly where it stopped (bit-identical on CPU with no workers).
-    Returns a summary: best dev rsum and epoch, the last epoch's metrics, steps, paths.
+    ``out_dir`` must not hold another run unless ``overwrite``, which moves that run aside
+    (see :mod:`rvsepp.run_folder`). Returns a summary: best dev rsum and epoch, the last
+    epoch's metrics, steps, paths.
     """
     config.validate()
     dist_info = setup_distributed(config)
-    out_dir = Path(out_dir)
+    folder = RunFolder(Path(out_dir), Path(resume) if resume is not None else None, overwrite)
+    if dist_info.is_main:
+        folder.check()
     checkpoint = load_resume(resume, config, dist_info)
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.json")
-    run = build_run(config, data_dir, out_dir, checkpoint, dist_info)
-    logs = (
-        RunLogs(out_dir, config, run.progress if checkpoint else None)
-        if dist_info.is_main
-        else None
-    )
+        _check_best_is_this_runs(folder, checkpoint)
+        folder.open()
+    first_step = checkpoint["progress"]["step"] if checkpoint is not None else 0
+    run = None
+    try:
+        if dist_info.is_main:
+            save_config(config, folder.path / "config.json")
+        run = build_run(config, data_dir, folder.path, checkpoint, dist_info)
+        return _run_epochs(run, resumed=checkpoint is not None)
+    except BaseException:
+        if dist_info.is_main and (run is None or run.progress.step == first_step):
+            folder.abandon()  # failed before its first step: leave no half-made run
+        raise
 
+
+def _run_epochs(run: Run, resumed: bool) -> dict[str, Any]:
+    """The epochs still to run, each: its batches, then (at its end) the dev evaluation and
+    the checkpoints. Returns the run's summary."""
+    config, out_dir = run.config, run.out_dir
+    logs = RunLogs(out_dir, config, run.progress if resumed else None) if run.dist.is_main else None
     last_metrics: dict[str, float] = {}
     stopped_early = False
     started = time.perf_counter()
@@ -138,8 +164,8 @@ def train(
             mode, lr, stopped_early = _train_epoch(run, logs)
             if stopped_early:
                 # Mid-epoch stop: last.pt resumes with the rest of this epoch's batches.
-                if dist_info.is_main:
-                    atomic_save(run.checkpoint_payload(), out_dir / "last.pt")
+                if run.dist.is_main:
+                    save_checkpoint(run.checkpoint_payload(), out_dir / "last.pt")
                 break
             last_metrics = _end_epoch(run, logs, mode, lr, epoch_start) or last_metrics
             if config.max_steps and run.progress.step >= config.max_steps:
@@ -159,6 +185,22 @@ def train(
         "out_dir": str(out_dir),
         "curves": str(curves) if curves else None,
     }
+
+
+def _check_best_is_this_runs(folder: RunFolder, checkpoint: Mapping[str, Any] | None) -> None:
+    """A continued run replaces best.pt only if best.pt is its own (same run id)."""
+    best = folder.path / "best.pt"
+    if checkpoint is None or folder.overwrite or not folder.continues_its_run():
+        return
+    if not best.is_file() or best.resolve() == folder.resume.resolve():
+        return
+    owner = load_checkpoint(best).get("run_id")
+    if owner != checkpoint.get("run_id"):
+        raise RunFolderError(
+            f"{best} belongs to another run than {folder.resume} (run {owner} and "
+            f"{checkpoint.get('run_id')}); continuing would replace it. Move one of them, or "
+            "pass --overwrite to move the folder's run aside"
+        )
 
 
 def _train_epoch(run: Run, logs: RunLogs | None) -> tuple[str, float, bool]:
@@ -189,10 +231,7 @@ def _train_epoch(run: Run, logs: RunLogs | None) -> tuple[str, float, bool]:
         if bar is not None:
             bar.set_postfix(loss=f"{values.loss:.4f}", refresh=False)
             bar.update(1)
-        if not math.isfinite(values.loss):
-            raise FloatingPointError(
-                f"the loss is {values.loss} at step {progress.step} (epoch {epoch + 1})"
-            )
+        _check_finite(run, values, batch, epoch + 1)
         if config.max_steps and progress.step >= config.max_steps:
             stopped_early = progress.step_in_epoch < len(run.sampler)
             break
@@ -220,12 +259,69 @@ def _train_step(run: Run, batch: Mapping[str, Any], loss_fn: LossFn) -> StepValu
         )
         _clip_(image_params + text_params + other_params, total, config.grad_clip)
     run.optimizer.step()
+    fractions = _anchor_fractions(stats, run.dist.enabled)
     # The one host sync of the step: everything logged, in one transfer.
     values = torch.stack([
-        loss.float(), *stats.gated_fraction.float(),
-        *stats.near_tie.float().mean(dim=1), norm_image.float(), norm_text.float(),
+        loss.float(), *fractions, norm_image.float(), norm_text.float()
     ]).tolist()  # fmt: skip
     return StepValues(*values)
+
+
+def _anchor_fractions(stats: Any, distributed: bool) -> Tensor:
+    """Gated and near-tie fractions of image and caption anchors over the whole (global)
+    batch. A data-parallel rank's statistics cover its own anchors, so the counts are
+    summed over ranks (one all-reduce of five numbers): every rank logs what one process
+    with the global batch would."""
+    counts = torch.cat([
+        stats.gated.float().sum(dim=1), stats.near_tie.float().sum(dim=1),
+        torch.tensor([stats.gated.shape[1]], dtype=torch.float32, device=stats.gated.device),
+    ])  # fmt: skip
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    return counts[:4] / counts[4]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient became NaN or infinite; the message names the step and the
+    batch."""
+
+
+def _check_finite(run: Run, values: StepValues, batch: Mapping[str, Any], epoch: int) -> None:
+    """Stop with the step and the batch's image and caption rows when the loss or a
+    gradient norm is not finite (the parameters are not saved after such a step)."""
+    checked = (
+        ("loss", values.loss),
+        ("gradient norm of the image encoder", values.grad_norm_image),
+        ("gradient norm of the text encoder", values.grad_norm_text),
+    )
+    bad = [(name, value) for name, value in checked if not math.isfinite(value)]
+    if not bad:
+        return
+    name, value = bad[0]
+    split = run.dataset.split
+    images = sorted(set(int(row) for row in batch["image_index"].tolist()))
+    captions = [int(row) for row in batch["caption_index"].tolist()]
+    where = f" in {split.data_dir}" if getattr(split, "data_dir", None) else ""
+    last = run.out_dir / "last.pt"
+    kept = (
+        f"{last} is from before this step, untouched"
+        if run.dist.is_main and last.is_file()
+        else "no checkpoint of this run was written yet"
+    )
+    raise NonFiniteLossError(
+        f"training stopped at step {run.progress.step} (epoch {epoch}): the {name} is {value}. "
+        f"The batch held images {_rows(images)} (rows of train_ims.npy{where}) and captions "
+        f"{_rows(captions)} (lines of train_caps.txt, counted from 0). The features were "
+        "checked finite when the split was loaded, so the model diverged here: lower the "
+        f"learning rate (--lr, now {run.config.lr:g}) or change the seed; {kept}."
+    )
+
+
+def _rows(rows: list[int], shown: int = 16) -> str:
+    more = f", ... ({len(rows)} in all)" if len(rows) > shown else ""
+    return "[" + ", ".join(map(str, rows[:shown])) + more + "]"
 
 
 def _end_epoch(
@@ -265,10 +361,8 @@ def _end_epoch(
         if improved:
             progress.best_rsum = metrics["rsum"]
             progress.best_epoch = epoch
-        payload = run.checkpoint_payload()
-        if improved:
-            atomic_save(payload, run.out_dir / "best.pt")
-        atomic_save(payload, run.out_dir / "last.pt")
+        best = [run.out_dir / "best.pt"] if improved else []
+        save_checkpoint(run.checkpoint_payload(), *best, run.out_dir / "last.pt")
     if run.dist.enabled:
         _share_progress(progress, run.device)
     return metrics
