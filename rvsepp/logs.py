@@ -87,7 +87,12 @@ def tensorboard_writer(out_dir: Path, enabled: bool) -> Any:
 
 
 def plot_curves(out_dir: str | os.PathLike) -> Path | None:
-    """Draw ``curves.png`` from ``steps.csv`` and ``metrics.csv``; None without matplotlib."""
+    """Draw ``curves.png`` from ``steps.csv`` and ``metrics.csv``; None without matplotlib.
+
+    The title names the run (its folder), its loss mode(s) and best dev rsum. Panels: loss,
+    dev rsum, the gated and near-tie fractions (one panel when they are the same series,
+    as in mode selhn, where the gate is the near-tie test), gradient norms.
+    """
     try:
         import matplotlib
 
@@ -104,29 +109,58 @@ def plot_curves(out_dir: str | os.PathLike) -> Path | None:
         return [float(row[name]) for row in rows]
 
     x = column(steps, "step")
-    figure, axes = plt.subplots(5, 1, figsize=(8, 14), sharex=True)
+    fractions = _fraction_panels(steps)
+    panels = 3 + len(fractions)
+    figure, axes = plt.subplots(panels, 1, figsize=(8, 2.8 * panels), sharex=True)
+    title = _curves_title(out_dir, steps, metrics)
+    figure.suptitle(title, fontsize=10)
     axes[0].plot(x, column(steps, "loss"), lw=0.8)
     axes[0].set_ylabel("loss")
     if metrics:
         axes[1].plot(column(metrics, "step"), column(metrics, "rsum"), marker="o")
     axes[1].set_ylabel("dev rsum")
-    for axis, name in ((axes[2], "gated"), (axes[3], "near_tie")):
+    for axis, (name, label) in zip(axes[2:], fractions, strict=False):
         axis.plot(x, column(steps, f"{name}_r"), lw=0.8, label="image anchors (r)")
         axis.plot(x, column(steps, f"{name}_c"), lw=0.8, label="caption anchors (c)")
-        axis.set_ylabel(f"{name.replace('_', '-')} fraction")
+        axis.set_ylabel(label)
         axis.legend(loc="upper right")
-    axes[4].plot(x, column(steps, "grad_norm_image"), lw=0.8, label="image encoder")
-    axes[4].plot(x, column(steps, "grad_norm_text"), lw=0.8, label="text encoder")
-    axes[4].set_ylabel("gradient norm")
-    axes[4].set_xlabel("step")
-    axes[4].legend(loc="upper right")
+    axes[-1].plot(x, column(steps, "grad_norm_image"), lw=0.8, label="image encoder")
+    axes[-1].plot(x, column(steps, "grad_norm_text"), lw=0.8, label="text encoder")
+    axes[-1].set_ylabel("gradient norm")
+    axes[-1].legend(loc="upper right")
+    axes[-1].set_xlabel("step")
     figure.tight_layout()
     path = out_dir / "curves.png"
     image = io.BytesIO()
-    figure.savefig(image, dpi=80, format="png")
+    labels = [axis.get_ylabel().replace("\n", " ") for axis in axes]
+    # The title and the panels also go into the PNG's text chunks (readable without eyes).
+    metadata = {"Title": title, "Description": "panels: " + "; ".join(labels)}
+    figure.savefig(image, dpi=80, format="png", metadata=metadata)
     plt.close(figure)
     atomic_write_bytes(path, image.getbuffer())
     return path
+
+
+def _fraction_panels(steps: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """The gated and near-tie panels to draw: one when the two series are the same."""
+    same = all(
+        row["gated_r"] == row["near_tie_r"] and row["gated_c"] == row["near_tie_c"] for row in steps
+    )
+    if same:
+        return [("gated", "gated = near-tie\nfraction")]
+    never_gated = all(float(row["gated_r"]) == 0 == float(row["gated_c"]) for row in steps)
+    if never_gated:
+        return [("near_tie", "near-tie fraction\n(none gated)")]
+    return [("gated", "gated fraction"), ("near_tie", "near-tie fraction")]
+
+
+def _curves_title(out_dir: Path, steps: list[dict[str, str]], metrics: list) -> str:
+    modes = list(dict.fromkeys(row["mode"] for row in steps))
+    title = f"run {out_dir}: loss mode {' then '.join(modes) or '-'}, {len(steps)} steps"
+    if metrics:
+        best = max(metrics, key=lambda row: float(row["rsum"]))
+        title += f", best dev rsum {float(best['rsum']):.2f} at epoch {best['epoch']}"
+    return title
 
 
 def format_epoch_line(epoch: int, metrics: Mapping[str, float], gated: tuple[float, float]) -> str:
