@@ -17,10 +17,20 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/selhn_ops.cpp", f"{CSRC}/selhn_cpu.cpp"]
+CPU_SOURCES = [
+    f"{CSRC}/{name}.cpp"
+    for name in (
+        "selhn_ops",
+        "selhn_cpu",
+        "selhn_cpu_kernels",
+        "selhn_cpu_avx512_emulated",
+        "selhn_cpu_forward",
+        "selhn_cpu_backward",
+    )
+]
 CUDA_SOURCES = [f"{CSRC}/selhn_cuda.cu"]
 # -ffp-contract=off: the CPU tile kernel fuses multiply-adds only where it says so, so
-# every element of S is computed the same way (see csrc/selhn_cpu.cpp).
+# every element of S is computed the same way (see csrc/selhn_cpu_kernels.cpp).
 CXX_FLAGS = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 

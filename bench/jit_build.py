@@ -26,7 +26,17 @@ def main() -> int:
     from selhn_ext import _cpp
 
     csrc = REPO / "csrc"
-    sources = [csrc / "selhn_ops.cpp", csrc / "selhn_cpu.cpp"]
+    sources = [
+        csrc / f"{name}.cpp"
+        for name in (
+            "selhn_ops",
+            "selhn_cpu",
+            "selhn_cpu_kernels",
+            "selhn_cpu_avx512_emulated",
+            "selhn_cpu_forward",
+            "selhn_cpu_backward",
+        )
+    ]
     include_dirs = [str(csrc)]
     if args.cuda:
         sources.append(csrc / "selhn_cuda.cu")

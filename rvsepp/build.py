@@ -81,16 +81,10 @@ def build_vocabulary(
     config: TrainConfig, train_split: Any, saved: Mapping[str, Any] | None = None
 ) -> Any:
     """The BiGRU vocabulary (None for MiniLM): from a checkpoint, ``vocab_path``, or built
-    from the training captions."""
-    from .data import Vocabulary, text_source
+    by ``vocab_build`` (see :func:`rvsepp.data.build_vocabulary`)."""
+    from .data import build_vocabulary as build
 
-    if config.text_encoder != "bigru":
-        return None
-    if saved is not None:
-        return Vocabulary.from_dict(saved, source="checkpoint")
-    if config.vocab_path:
-        return Vocabulary.load(config.vocab_path)
-    return Vocabulary.build(train_split.captions, source=text_source(train_split))
+    return build(config, train_split, saved)
 
 
 def token_cache_dir(config: TrainConfig, data_dir: Any, out_dir: Any) -> Path:
@@ -113,6 +107,7 @@ def make_text(
         augmentation = TokenAugmentation(
             select=config.token_select_prob, mask=config.token_mask_prob,
             replace=config.token_replace_prob, delete=config.token_delete_prob,
+            rule=config.token_augment_rule,
         )  # fmt: skip
     cache_path = None
     if config.text_encoder == "minilm" and not config.minilm_finetune and cache_dir is not None:
@@ -122,6 +117,7 @@ def make_text(
     return make_text_side(
         config.text_encoder, split.captions, vocab=vocab, augmentation=augmentation,
         finetune=config.minilm_finetune, cache_path=cache_path, source=text_source(split),
+        word_tokenizer=config.tokenizer,
     )  # fmt: skip
 
 
@@ -206,6 +202,7 @@ def build_run(
 ) -> Run:
     """Data, model, optimizer and loader of a run; a checkpoint's states put back."""
     from .data import ImageCaptionDataset
+    from .evaluate import first_captions
     from .model import build_model
     from .precomp import load_split
 
@@ -214,6 +211,7 @@ def build_run(
     train_split = load_split(data_dir, "train", config.captions_per_image)
     dev_split = load_split(data_dir, config.dev_split, config.captions_per_image)
     vocab = build_vocabulary(config, train_split, checkpoint["vocab"] if checkpoint else None)
+    dev_split = first_captions(dev_split, config.dev_captions)  # model selection's captions
     cache_dir = token_cache_dir(config, data_dir, out_dir)
     train_text = make_text(config, train_split, vocab, train=True, cache_dir=cache_dir)
     dev_text = make_text(config, dev_split, vocab, train=False, cache_dir=cache_dir)

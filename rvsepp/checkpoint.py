@@ -132,6 +132,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged or foreign file: say which
         raise CheckpointError(f"{path}: {describe_unreadable(path, error)}") from None
+    return check_contents(checkpoint, path)
+
+
+def check_contents(checkpoint: Any, path: Any) -> dict[str, Any]:
+    """``checkpoint`` (as loaded from ``path``) if it is a whole rvsepp checkpoint whose
+    checksum matches; else :class:`CheckpointError` saying what the file holds."""
     problem = _problem_with_contents(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
@@ -245,12 +251,15 @@ _RESUME_MUST_MATCH = (
     "embed_dim", "text_encoder", "word_dim", "minilm_finetune", "minilm_lr_scale",
     "gpo_pe_dim", "gpo_hidden", "freeze_batchnorm", "augment", "region_dropout",
     "token_select_prob", "token_mask_prob", "token_replace_prob", "token_delete_prob", "seed",
-    "captions_per_image", "chunk_size",
+    "captions_per_image", "chunk_size", "loss_reduction", "baseline_reduction", "tokenizer",
+    "vocab_build", "image_bn_stats", "image_mlp", "token_augment_rule", "dev_captions",
+    "rank_rule",
 )  # fmt: skip
 
 
 def check_resume_config(config: TrainConfig, checkpoint: Mapping[str, Any], path: Any) -> None:
-    saved = checkpoint["config"]
+    # A field missing from an older checkpoint had its default's meaning.
+    saved = {**TrainConfig().to_dict(), **checkpoint["config"]}
     differing = [
         f"{name}: checkpoint {saved.get(name)!r}, now {getattr(config, name)!r}"
         for name in _RESUME_MUST_MATCH

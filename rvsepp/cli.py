@@ -143,7 +143,11 @@ def _add_eval_parser(commands: Any) -> None:
         description="Image-to-text and text-to-image R@1/5/10, rsum, median and mean rank.",
     )
     evaluate.add_argument("--data", required=True, type=Path, help="the precomp folder")
-    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument(
+        "--checkpoint", required=True, type=Path, help="rvsepp best.pt / last.pt, or a "
+        "released RVSE++ / VSE-infinity BiGRU model_best.pth (then also --vocab)",
+    )  # fmt: skip
+    evaluate.add_argument("--vocab", type=Path, default=None, help="SCAN's vocabulary JSON")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument(
         "--fold5", action="store_true", help="also the mean over 5 folds (MS-COCO 5-fold 1K)"
@@ -243,53 +247,38 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_metrics_table(metrics: dict[str, float], title: str) -> str:
-    """A small table: one row per direction with R@1, R@5, R@10, medr, meanr; then rsum."""
-    lines = [title, f"{'':<6}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}"]
-    for direction in ("i2t", "t2i"):
-        cells = "".join(f"{metrics[f'{direction}_r{k}']:>8.2f}" for k in (1, 5, 10))
-        lines.append(
-            f"{direction:<6}{cells}{metrics[f'{direction}_medr']:>8.1f}"
-            f"{metrics[f'{direction}_meanr']:>9.2f}"
-        )
-    lines.append(f"rsum {metrics['rsum']:.2f}")
-    return "\n".join(lines)
-
-
 def _command_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .build import make_text, token_cache_dir
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .config import config_from_dict
-    from .evaluate import encode_split, fold5_metrics, retrieval_metrics
+    from .evaluate import encode_split, format_report, retrieval_report
     from .precomp import load_split
+    from .released import load_for_eval
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    checkpoint = load_checkpoint(args.checkpoint)
-    model, vocab = model_from_checkpoint(checkpoint, device, source=args.checkpoint)
-    config = config_from_dict(checkpoint["config"], source=str(args.checkpoint))
+    loaded = load_for_eval(args.checkpoint, device, args.vocab)
     split = load_split(args.data, args.split, args.captions_per_image)
-    if split.images.shape[2] != checkpoint["feature_dim"]:
+    if split.images.shape[2] != loaded.feature_dim:
         raise ValueError(
             f"{args.data}: {args.split} features have {split.images.shape[2]} dimensions, "
-            f"the checkpoint's model takes {checkpoint['feature_dim']}"
+            f"the checkpoint's model takes {loaded.feature_dim}"
         )
-    cache = token_cache_dir(config, args.data, args.checkpoint.parent)
-    text = make_text(config, split, vocab, train=False, cache_dir=cache)
-    img_emb, txt_emb, img_index = encode_split(model, split, args.batch_size, device, text=text)
-    progress = checkpoint["progress"]
-    print(
-        f"checkpoint {args.checkpoint} (epoch {progress['epoch']}, step {progress['step']}); "
-        f"split {args.split}: {split.n_images} images, {split.n_captions} captions"
+    cache = token_cache_dir(loaded.config, args.data, args.checkpoint.parent)
+    text = make_text(loaded.config, split, loaded.vocab, train=False, cache_dir=cache)
+    img_emb, txt_emb, img_index = encode_split(
+        loaded.model, split, args.batch_size, device, text=text
     )
-    print(format_metrics_table(retrieval_metrics(img_emb, txt_emb, img_index), "all images"))
+    print(
+        f"{loaded.description}; split {args.split}: {split.n_images} images, "
+        f"{split.n_captions} captions"
+    )
+    print(format_report(retrieval_report(img_emb, txt_emb, img_index), "all images"))
     if args.fold5:
-        metrics = fold5_metrics(img_emb, txt_emb, img_index)
-        print(format_metrics_table(metrics, "5-fold mean (each fold 1/5 of the images)"))
+        report = retrieval_report(img_emb, txt_emb, img_index, fold5=True)
+        print(format_report(report, "5-fold mean (each fold 1/5 of the images)"))
     return 0
 
 

@@ -87,7 +87,7 @@ __all__ = [
 
 
 def make_loss_fn(config: TrainConfig, mode: str, distributed: bool) -> LossFn:
-    """``(img, txt, ids) -> (loss, stats)`` with the run's options, reduction "mean"."""
+    """``(img, txt, ids) -> (loss, stats)`` with the run's options and ``mode``'s reduction."""
     if distributed:
         try:
             from selhn_ext.distributed import selhn_loss
@@ -100,7 +100,8 @@ def make_loss_fn(config: TrainConfig, mode: str, distributed: bool) -> LossFn:
 
     def loss_fn(img: Tensor, txt: Tensor, ids: Tensor | None) -> tuple[Tensor, Any]:
         return selhn_loss(
-            img, txt, margin=config.margin, eps=config.eps, mode=mode, reduction="mean",
+            img, txt, margin=config.margin, eps=config.eps, mode=mode,
+            reduction=config.reduction_for_mode(mode),
             ids=ids, backend=config.backend, return_stats=True,
         )  # fmt: skip
 
@@ -345,7 +346,7 @@ def _end_epoch(
             img_emb, txt_emb, img_index = encode_split(
                 run.model, run.dev_split, run.config.eval_batch_size, run.device, text=run.dev_text
             )
-            raw = retrieval_metrics(img_emb, txt_emb, img_index)
+            raw = retrieval_metrics(img_emb, txt_emb, img_index, rule=run.config.rank_rule)
         set_training_mode(run.model, run.config)
         metrics = {key: float(value) for key, value in raw.items()}
         row = {

@@ -174,7 +174,17 @@ def build_extension(verbose: bool = False) -> Path:
 
     build_dir = _jit_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(_CSRC / "selhn_ops.cpp"), str(_CSRC / "selhn_cpu.cpp")]
+    sources = [
+        str(_CSRC / f"{name}.cpp")
+        for name in (
+            "selhn_ops",
+            "selhn_cpu",
+            "selhn_cpu_kernels",
+            "selhn_cpu_avx512_emulated",
+            "selhn_cpu_forward",
+            "selhn_cpu_backward",
+        )
+    ]
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise RuntimeError(

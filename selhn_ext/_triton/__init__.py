@@ -3,15 +3,15 @@
     tile.py               @triton.jit building blocks shared by every kernel (S tile,
                           validity, packed max keys, hinge)
     forward_kernels.py    the forward kernel (row and column statistics in one pass)
-    backward_kernels.py   compaction and the gated anchors' dense backward kernels
+    backward_kernels.py   compaction, W panels and gradient products of the gated anchors
     config.py             block configurations, grid splits, test switches
     forward.py            the forward launcher (``partials``)
     backward.py           the backward launchers (``dense_backward``, ``compact``)
 
 ``KERNELS`` implements ``partials`` and ``dense_backward`` of ``kernel_interface.py``;
-``testing`` holds the test-only switches (reversed block order, recomputed-tile counter,
-backward path and panel size). The dense backward is the ``tiles`` path unless
-``SELHN_TRITON_BACKWARD=panel`` is set before import (see config.py).
+``testing`` holds the test-only switches (reversed work order, recomputed-tile counter,
+backward variant and panel size). The dense backward has one variant, ``panels`` (see
+backward.py; ``SELHN_TRITON_BACKWARD`` in config.py names it).
 """
 
 from __future__ import annotations

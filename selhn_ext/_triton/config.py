@@ -18,11 +18,11 @@ from torch import Tensor
 # Read once, like dispatch.py: the interpreter is chosen before triton is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# The dense backward: "tiles" (each recomputed tile adds its products into the gradients;
-# float atomics unless deterministic) or "panel" (panels of gated anchors, tensor-core
-# GEMMs with owned output tiles, no float atomics: deterministic by construction).
-BACKWARD_PATHS = ("tiles", "panel")
-BACKWARD_PATH = os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
+# The dense backward's variants (one so far): "panels" recomputes each S tile that
+# touches a gated anchor once, into W panels, and runs the gradient products on tensor
+# cores with owned output tiles (no float atomics: deterministic by construction).
+BACKWARD_PATHS = ("panels",)
+BACKWARD_PATH = os.environ.get("SELHN_TRITON_BACKWARD", "panels")
 if BACKWARD_PATH not in BACKWARD_PATHS:
     raise ValueError(
         f"SELHN_TRITON_BACKWARD must be one of {', '.join(BACKWARD_PATHS)}, got {BACKWARD_PATH!r}"
@@ -67,9 +67,9 @@ class TestingSwitches:
     ``reverse_block_order``: every kernel visits its program ids in reverse order.
     ``tile_counter``: a (1,) int32 device tensor the backward kernels increment once per
     recomputed S tile.
-    ``backward``: "tiles" or "panel" overrides SELHN_TRITON_BACKWARD (None: use it).
-    ``panel_size``: the panel backward's P (a positive multiple of PANEL_UNIT), so that
-    small batches span several panels (None: ``panel_size()``).
+    ``backward``: a name of BACKWARD_PATHS, overrides SELHN_TRITON_BACKWARD (None: use it).
+    ``panel_size``: the backward's P, gated anchors per panel (a positive multiple of
+    PANEL_UNIT), so that small batches span several panels (None: ``panel_size()``).
     """
 
     reverse_block_order: bool = False
