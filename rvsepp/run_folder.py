@@ -9,7 +9,8 @@ half-made folder left behind.
   anything is loaded or built.
 * A run that fails before its first optimizer step removes what it created (the folder
   itself, if it made it) and puts back a run it moved aside.
-* Temporaries left by an interrupted write of an earlier process are removed at start.
+* Temporaries left by an interrupted write of an earlier process are removed at start,
+  before anything else is decided.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RunFolder:
                 f"--out {path} is a file, not a folder; name a folder for the run's "
                 "checkpoints and logs (it is created if missing)"
             )
+        if path.is_dir():
+            remove_stale_temporaries(path)  # of writes killed midway, whatever happens next
         found = self.run_files()
         if not found or self.overwrite or self.continues_its_run():
             return
@@ -77,8 +80,7 @@ class RunFolder:
         )
 
     def open(self) -> None:
-        """Before the first write: move an overwritten run aside, create the folder, and
-        remove temporaries of interrupted writes."""
+        """Before the first write: move an overwritten run aside and create the folder."""
         if self.overwrite and self.run_files() and not self.continues_its_run():
             self.moved_aside = self._aside_path()
             try:
@@ -89,7 +91,6 @@ class RunFolder:
         self.created = not self.path.exists()
         ensure_folder(self.path)
         self.existing = frozenset(entry.name for entry in self.path.iterdir())
-        remove_stale_temporaries(self.path)
 
     def abandon(self) -> None:
         """The run failed before its first step: remove what it created and put back a

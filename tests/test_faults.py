@@ -171,14 +171,25 @@ def test_the_batch_size_error_names_options_that_exist(emoji48, tmp_path, capsys
     assert main([*common[:-1], "40", "--out", str(tmp_path / "c")]) == 0
 
 
-def test_stale_temporaries_are_removed_when_a_run_continues(finished_run, emoji48, tmp_path):
+def test_stale_temporaries_are_removed_at_the_next_start(finished_run, emoji48, tmp_path):
+    """What a write killed midway (kill -9) left: removed by the next start, whether it
+    continues the run or is refused."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = [out / f".last.pt.{child.pid}.tmp", out / f".best.pt.{child.pid}-0a0b0c.tmp"]
-    for path in stale:
-        path.write_bytes(b"half a checkpoint")
+
+    def leave_temporaries() -> list[Path]:
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # a process that no longer runs
+        stale = [out / f".last.pt.{child.pid}.tmp", out / f".best.pt.{child.pid}-0a0b0c.tmp"]
+        for path in stale:
+            path.write_bytes(b"half a checkpoint")
+        return stale
+
+    stale = leave_temporaries()
+    with pytest.raises(RunFolderError):
+        train(tiny(), emoji48, out)
+    assert not any(path.exists() for path in stale)
+    stale = leave_temporaries()
     train(tiny(epochs=2, max_steps=6), emoji48, out, resume=out / "last.pt")
     assert not any(path.exists() for path in stale)
 
