@@ -29,10 +29,13 @@ TRITON_BACKWARD_ENV = "SELHN_TRITON_BACKWARD"
 def triton_backward_variants() -> list[str]:
     """The variants the installed Triton backend offers, or [] if it offers no choice."""
     try:
-        from selhn_ext._triton import config
-    except Exception:  # no triton, or a backend without this module
+        from selhn_ext import (
+            _triton,  # noqa: F401  (needs triton)
+            dispatch,
+        )
+    except Exception:  # no triton, or a package without this registry
         return []
-    return [str(name) for name in getattr(config, "BACKWARD_PATHS", ())]
+    return [str(name) for name in dispatch.REGISTRY["triton"].variants]
 
 
 @dataclass(frozen=True)

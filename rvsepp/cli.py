@@ -38,6 +38,10 @@ TRAIN_FLAGS = {
 }
 
 
+# ``--resume`` without a path: the output folder's last.pt.
+RESUME_FROM_OUT = object()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rvsepp",
@@ -45,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rvsepp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_extract_parser(commands)
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_demo_parser(commands)
+    return parser
 
+
+def _add_extract_parser(commands: Any) -> None:
     extract = commands.add_parser(
         "extract-features",
         help="images + a caption TSV -> a precomp folder of region features",
@@ -61,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--resume", action="store_true", help="continue an interrupted run")
     extract.add_argument("--max-images", type=int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_train_parser(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train RVSE++ on a precomp folder",
@@ -88,7 +101,20 @@ def _parser() -> argparse.ArgumentParser:
         help="pairs showing the same image are not negatives of each other",
     )
     train.add_argument("--captions-per-image", type=int, default=None, help="SCAN folders: 5")
-    train.add_argument("--resume", type=Path, default=None, help="a last.pt to continue from")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        nargs="?",
+        const=RESUME_FROM_OUT,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint (default: OUT/last.pt)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds a run: move it aside (to OUT.replaced-TIME) and start anew",
+    )
     train.add_argument("--config", type=Path, default=None, help="a JSON config file")
     train.add_argument("--vocab", type=str, default=None, help="a SCAN vocabulary JSON (BiGRU)")
     train.add_argument(
@@ -109,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_eval_parser(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="retrieval metrics of a checkpoint on a split",
@@ -128,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
+
+def _add_demo_parser(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="SelHN vs hardest negatives on the shipped emoji subset",
@@ -142,9 +172,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cache-dir", type=Path, default=None, help="default $SELHN_CACHE_DIR or ~/.cache/selhn"
     )
-    demo.add_argument("--out", type=Path, default=None, help="keep the runs here")
+    demo.add_argument(
+        "--out", type=Path, default=None, help="keep the runs here (default: demo-runs/DATE-TIME)"
+    )
     demo.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -168,8 +199,10 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     from .config import TrainConfig, config_from_dict, load_config
 
     config = TrainConfig()
+    if args.resume is RESUME_FROM_OUT:
+        args.resume = args.out / "last.pt"
     if args.resume is not None and args.config is None:
-        from .train import load_checkpoint
+        from .checkpoint import load_checkpoint
 
         config = config_from_dict(load_checkpoint(args.resume)["config"], source=str(args.resume))
     if args.config is not None:
@@ -210,17 +243,17 @@ def _command_train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = train_config_from_args(args)
-    train(config, args.data, args.out, resume=args.resume)
+    train(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _command_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .build import make_text, token_cache_dir
     from .evaluate import encode_split, format_report, retrieval_report
     from .precomp import load_split
     from .released import load_for_eval
-    from .train import make_text, token_cache_dir
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
@@ -277,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as error:
         if os.environ.get("RVSEPP_DEBUG") == "1":
             raise
         print(f"rvsepp: error: {error}", file=sys.stderr)

@@ -284,7 +284,9 @@ def to_json(config: TrainConfig) -> str:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(to_json(config))
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, to_json(config).encode("utf-8"))
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"

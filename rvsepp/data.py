@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .atomic import atomic_write_bytes
 from .config import TOKEN_AUGMENT_RULES
 from .text import (  # noqa: F401 (re-exported: the text pipeline's public names)
     MASK,
@@ -302,22 +303,6 @@ class CachedStatesText:
 
 
 # --------------------------------------------------------------------------- MiniLM cache
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file in its folder and a rename: readers see the
-    old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @lru_cache(maxsize=1)

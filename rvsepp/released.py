@@ -194,11 +194,10 @@ def read_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"{path}: not a readable checkpoint (only tensors, containers and argparse "
-            f"options are loaded): {error}"
-        ) from error
+    except Exception as error:  # a damaged or foreign file: say which
+        from .checkpoint import CheckpointError, describe_unreadable
+
+        raise CheckpointError(f"{path}: {describe_unreadable(path, error)}") from None
 
 
 @dataclass
@@ -257,24 +256,20 @@ def load_for_eval(
     path: str | os.PathLike, device: Any = "cpu", vocab_path: str | os.PathLike | None = None
 ) -> LoadedModel:
     """An rvsepp checkpoint (``best.pt``, ``last.pt``) or a released one, ready to evaluate."""
+    from .checkpoint import check_contents, model_from_checkpoint
     from .config import config_from_dict
-    from .train import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint
 
     payload = read_checkpoint_file(path)
     if is_released_checkpoint(payload):
         return load_released_model(payload, vocab_path, device, source=str(path))
-    if isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT:
-        if vocab_path is not None:
-            raise ValueError(f"{path} is an rvsepp checkpoint with its vocabulary; drop --vocab")
-        checkpoint = load_checkpoint(path)
-        model, vocab = model_from_checkpoint(checkpoint, device)
-        progress = checkpoint["progress"]
-        return LoadedModel(
-            model, vocab, config_from_dict(checkpoint["config"], source=str(path)),
-            int(checkpoint["feature_dim"]),
-            f"checkpoint {path} (epoch {progress['epoch']}, step {progress['step']})",
-        )  # fmt: skip
-    raise ValueError(
-        f"{path}: neither an rvsepp checkpoint nor a released RVSE++ / VSE-infinity one "
-        "(a dict whose 'model' holds the image and text encoders' state dicts)"
-    )
+    # An rvsepp checkpoint (its checksum verified), or an error saying what the file is.
+    checkpoint = check_contents(payload, path)
+    if vocab_path is not None:
+        raise ValueError(f"{path} is an rvsepp checkpoint with its vocabulary; drop --vocab")
+    model, vocab = model_from_checkpoint(checkpoint, device, source=path)
+    progress = checkpoint["progress"]
+    return LoadedModel(
+        model, vocab, config_from_dict(checkpoint["config"], source=str(path)),
+        int(checkpoint["feature_dim"]),
+        f"checkpoint {path} (epoch {progress['epoch']}, step {progress['step']})",
+    )  # fmt: skip

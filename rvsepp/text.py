@@ -288,6 +288,6 @@ class Vocabulary:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | os.PathLike) -> None:
-        from .data import atomic_write_bytes
+        from .atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(path), json.dumps(self.to_dict()).encode("utf-8"))

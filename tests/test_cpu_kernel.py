@@ -15,8 +15,10 @@ import torch
 from conftest import require_backend
 
 from selhn_ext import selhn_loss
-from selhn_ext.kernel_interface import MODES, REDUCTIONS, positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.options import MODES, REDUCTIONS
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 pytestmark = pytest.mark.backend("cpu")
 
@@ -258,13 +260,13 @@ def test_nan_propagates_to_max_arg_and_loss():
         img, txt = make_batch(70, 8, dtype, seed=3)
         img[3, 0] = float("nan")  # S row 3 is all NaN, so is every column's entry in row 3
         d = positive_scores(img, txt)
-        rows, cols = ops.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+        rows, cols = ops.COMPILED_BACKEND.partials(Block(img, txt, d), MARGIN)
         assert torch.isnan(rows.max[3]) and rows.arg[3] == 0  # smallest index among NaNs
         assert torch.isnan(rows.hinge_sum[3])
         others = torch.arange(70) != 3
         assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()
         assert not torch.isnan(cols.max[3])
-        ref_rows, ref_cols = ChunkedKernels().partials(img, txt, d, 0, None, None, MARGIN)
+        ref_rows, ref_cols = ChunkedBackend().partials(Block(img, txt, d), MARGIN)
         assert torch.equal(rows.arg, ref_rows.arg) and torch.equal(cols.arg, ref_cols.arg)
         loss = selhn_loss(img, txt, backend="cpu")
         assert torch.isnan(loss)
@@ -332,8 +334,10 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
-    got = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    got = ops.COMPILED_BACKEND.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
+    ref = ChunkedBackend(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for a, c in zip(got, ref, strict=True):
         assert_stats_equal(a, c, tol)
     gen = torch.Generator().manual_seed(4)
@@ -344,16 +348,20 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     gated_r = torch.rand(b, generator=gen) < gated_fraction
     gated_c = torch.rand(batch, generator=gen) < gated_fraction
     for deterministic in (False, True):
-        args = (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c)
-        g_rows, g_cols = ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
-        r_rows, r_cols = ChunkedKernels(chunk_rows=32).dense_backward(*args)
+        args = (
+            Block(rows, cols, d, off, row_ids, col_ids),
+            MARGIN,
+            GatedAnchors(coef_r, coef_c, gated_r, gated_c),
+        )
+        g_rows, g_cols = ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
+        r_rows, r_cols = ChunkedBackend(chunk_rows=32).dense_backward(*args)
         assert_close(g_rows, r_rows, tol * 10, "grad rows")
         assert_close(g_cols, r_cols, tol * 10, "grad cols")
 
 
 def backward_tiles(ops, args, deterministic):
     torch.ops.selhn._cpu_backward_tile_count(True)
-    ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
+    ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
     return torch.ops.selhn._cpu_backward_tile_count(True)
 
 
@@ -364,11 +372,15 @@ def test_backward_recomputes_only_gated_tiles():
     coef = torch.ones(batch)
     none = torch.zeros(batch, dtype=torch.bool)
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), False)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), False
+        )
         == 0
     )
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), True)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), True
+        )
         == 0
     )
     gen = torch.Generator().manual_seed(0)
@@ -380,7 +392,7 @@ def test_backward_recomputes_only_gated_tiles():
         touching, every_tile = tiles_touching_gated(
             batch, batch, int(gated_r.sum()), int(gated_c.sum())
         )
-        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, gated_r, gated_c)
+        args = (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, gated_r, gated_c))
         # Each tile that touches a gated anchor once (W = row part + column part), and no
         # other tile; below the whole matrix unless every anchor is gated.
         count = backward_tiles(ops, args, False)
@@ -402,8 +414,8 @@ def test_backward_recomputes_only_gated_tiles():
 def run_everything(ops, deterministic):
     """Partials, then the dense backward with 10% and 40% of the anchors gated."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
-    partial = ops.COMPILED_KERNELS.partials(
-        rows, cols, d, 0, row_ids, col_ids, MARGIN, deterministic=deterministic
+    partial = ops.COMPILED_BACKEND.partials(
+        Block(rows, cols, d, 0, row_ids, col_ids), MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
     coef = torch.rand(333, generator=gen)
@@ -411,10 +423,12 @@ def run_everything(ops, deterministic):
     for fraction in (0.1, 0.4):
         gated_r = torch.rand(333, generator=gen) < fraction
         gated_c = torch.rand(333, generator=gen) < fraction
-        grads += ops.COMPILED_KERNELS.dense_backward(
-            rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
+        grads += ops.COMPILED_BACKEND.dense_backward(
+            Block(rows, cols, d, 0, row_ids, col_ids),
+            MARGIN,
+            GatedAnchors(coef, coef, gated_r, gated_c),
             deterministic=deterministic,
-        )  # fmt: skip
+        )
     return [t for stats in partial for t in stats] + list(grads)
 
 
@@ -500,29 +514,34 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     for path in paths:
         simd_path(path)
         for det in (False, True):
-            stats = ops.COMPILED_KERNELS.partials(
-                rows, cols, d, off, row_ids, col_ids, MARGIN, deterministic=det
+            stats = ops.COMPILED_BACKEND.partials(
+                Block(rows, cols, d, off, row_ids, col_ids), MARGIN, deterministic=det
             )
             out = outputs.setdefault(path, [])
             out += [t for direction in stats for t in direction]
         for k, fraction in enumerate((0.1, 0.7)):
             gated_r, gated_c = (g < fraction for g in gates[k])
             for deterministic in (False, True):
-                out += ops.COMPILED_KERNELS.dense_backward(
-                    rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype),
-                    coef_c.to(d.dtype), gated_r, gated_c, deterministic=deterministic,
-                )  # fmt: skip
+                out += ops.COMPILED_BACKEND.dense_backward(
+                    Block(rows, cols, d, off, row_ids, col_ids),
+                    MARGIN,
+                    GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
+                    deterministic=deterministic,
+                )
     for path in paths:
         for k, (x, y) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
             assert torch.equal(x, y), f"{path} output {k} differs from the portable path"
     # The outputs are right, not only equal: the chunked kernels agree.
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    ref = ChunkedBackend(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for got, want in zip((stats[0], stats[1]), ref, strict=True):
         assert_stats_equal(got, want, 1e-5 if dtype == torch.float32 else 1e-12)
-    grads = ChunkedKernels(chunk_rows=32).dense_backward(
-        rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype), coef_c.to(d.dtype),
-        gated_r, gated_c,
-    )  # fmt: skip
+    grads = ChunkedBackend(chunk_rows=32).dense_backward(
+        Block(rows, cols, d, off, row_ids, col_ids),
+        MARGIN,
+        GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
+    )
     for got, want in zip(out[-2:], grads, strict=True):
         scale = want.abs().max().item()  # relative to the gradient's size (not all zero)
         assert scale > 0

@@ -21,8 +21,10 @@ import torch
 from conftest import require_backend
 
 import selhn_ext
-from selhn_ext.kernel_interface import positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext import dispatch
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MARGIN, EPS = 0.2, 0.01
@@ -40,6 +42,12 @@ def _kernels():
     from selhn_ext import _triton
 
     return _triton
+
+
+def triton_backend():
+    """The Triton backend object of the variant in use."""
+    _kernels()
+    return dispatch.backend("triton")
 
 
 @contextlib.contextmanager
@@ -247,14 +255,14 @@ def test_ids_without_negatives():
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda t: str(t).removeprefix("torch."))
 def test_partials_match_chunked_with_row_offset(dtype):
     """The distributed form of the interface: b < N rows starting at row_offset, with ids."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     img, txt = make_batch(300, 40, dtype, "half", 11)
     rows, cols = img.detach()[70:230], txt.detach()
     ids = make_ids(300, 11)
     d = positive_scores(img.detach(), txt.detach())
-    got = triton_mod.KERNELS.partials(rows, cols, d, 70, ids[70:230], ids, MARGIN)
-    want = ChunkedKernels().partials(rows, cols, d, 70, ids[70:230], ids, MARGIN)
+    got = triton_backend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
+    want = ChunkedBackend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
     for g, w in zip(got, want, strict=False):
         torch.testing.assert_close(g.max, w.max, rtol=0, atol=1e-5)
         torch.testing.assert_close(g.hinge_sum, w.hinge_sum, rtol=1e-5, atol=1e-4)
@@ -268,7 +276,7 @@ def test_partials_match_chunked_with_row_offset(dtype):
 def test_exact_ties_zero_signs_and_eps():
     """img = I makes S = txt.T exact: ties go to the smallest index, -0.0 ties +0.0,
     and a gap exactly at eps is not gated."""
-    triton_mod = _kernels()
+    _kernels()
     batch = 6
     img = torch.eye(batch, device=DEVICE)
     s = torch.full((batch, batch), -0.5)
@@ -279,7 +287,7 @@ def test_exact_ties_zero_signs_and_eps():
     s[2, 5] = 0.0
     txt = s.T.contiguous().to(DEVICE)
     d = positive_scores(img, txt)
-    row, col = triton_mod.KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(img, txt, d), MARGIN)
     assert row.arg[0].item() == 2 and col.arg[1].item() == 3
     assert row.arg[2].item() == 3 and row.max[2].item() == 0.0
     assert not torch.signbit(row.max[2]).item()
@@ -295,13 +303,13 @@ def test_exact_ties_zero_signs_and_eps():
 
 
 def test_nan_propagates_to_max_index_and_sums():
-    triton_mod = _kernels()
+    _kernels()
     img, txt = make_batch(130, 24, torch.float32, "spread", 3)
     rows, cols = img.detach().clone(), txt.detach().clone()
     rows[5, 3] = float("nan")
     d = positive_scores(rows, cols)
-    row, col = triton_mod.KERNELS.partials(rows, cols, d, 0, None, None, MARGIN)
-    want_row, want_col = ChunkedKernels().partials(rows, cols, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
+    want_row, want_col = ChunkedBackend().partials(Block(rows, cols, d), MARGIN)
     assert torch.isnan(row.max[5]) and row.arg[5].item() == want_row.arg[5].item()
     assert torch.isnan(row.hinge_sum[5])
     # Every column sees the NaN of row 5 (all but column 5 as a valid negative).
@@ -317,23 +325,23 @@ def test_nan_propagates_to_max_index_and_sums():
 def test_backward_recomputes_the_forward_active_set(dtype):
     """With coefficient 1 and a constant-1 embedding column, the recomputed activity of
     each gated anchor sums to exactly the forward's active count."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     img, txt = make_batch(200, 48, dtype, "half", 5)
     rows, cols = img.detach().clone(), txt.detach().clone()
     cols[:, 0] = 1.0
     rows[:, 1] = 1.0
     d = positive_scores(rows, cols)
-    row, col = triton_mod.KERNELS.partials(rows, cols, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
     ones = torch.ones(200, device=DEVICE)
     yes = torch.ones(200, dtype=torch.bool, device=DEVICE)
     no = torch.zeros_like(yes)
     with panels(128):  # two panels on each side
-        grad_rows, _ = triton_mod.KERNELS.dense_backward(
-            rows, cols, d, 0, None, None, MARGIN, ones, ones, yes, no
+        grad_rows, _ = triton_backend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, yes, no)
         )
-        _, grad_cols = triton_mod.KERNELS.dense_backward(
-            rows, cols, d, 0, None, None, MARGIN, ones, ones, no, yes
+        _, grad_cols = triton_backend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, no, yes)
         )
     assert torch.equal(grad_rows[:, 0], row.active.float())
     assert torch.equal(grad_cols[:, 1], col.active.float())
@@ -395,12 +403,10 @@ def test_each_touched_tile_is_recomputed_once(row_fraction, col_fraction, panel)
     row_gated = scattered(max(1, round(row_fraction * batch)), batch, gen)
     col_gated = scattered(max(1, round(col_fraction * batch)), batch, gen)
     row_coef, col_coef = torch.randn(batch, generator=gen), torch.randn(batch, generator=gen)
-    args = (rows, cols, col_pos.float(), 0, None, None, 0.25, row_coef, col_coef)
+    on_device = [t.to(DEVICE) for t in (rows, cols, col_pos.float())]
+    gated = GatedAnchors(*(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated)))
     with tile_counter() as counter, panels(panel):
-        got = triton_mod.KERNELS.dense_backward(
-            *(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args),
-            row_gated.to(DEVICE), col_gated.to(DEVICE),
-        )  # fmt: skip
+        got = triton_backend().dense_backward(Block(*on_device), 0.25, gated)
         want = expected_tiles(batch, batch, dim, int(row_gated.sum()), int(col_gated.sum()), cfg)
     count = int(counter.item())
     every_tile = math.ceil(batch / cfg.BM) * math.ceil(batch / cfg.BN)
@@ -409,9 +415,9 @@ def test_each_touched_tile_is_recomputed_once(row_fraction, col_fraction, panel)
         assert count < every_tile
     else:  # every row gated: every tile once, none twice
         assert count == every_tile
-    reference = ChunkedKernels().dense_backward(
-        rows.double(), cols.double(), col_pos, 0, None, None, 0.25, row_coef.double(),
-        col_coef.double(), row_gated, col_gated,
+    reference = ChunkedBackend().dense_backward(
+        Block(rows.double(), cols.double(), col_pos), 0.25,
+        GatedAnchors(row_coef.double(), col_coef.double(), row_gated, col_gated),
     )  # fmt: skip
     for g, w in zip(got, reference, strict=True):
         torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=1e-5 * w.abs().max())
@@ -437,7 +443,7 @@ def test_uniform_coefficients_are_exact_in_16_bit(dtype):
     in 16 bits: with grid inputs and a power-of-two coefficient every sum is exact, so the
     gradients equal the fp64 ones bit for bit; with any other coefficient only the final
     fp32 roundings remain (a 16-bit W would be off by about 2**-9)."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     gen = torch.Generator().manual_seed(8)
     batch, dim = 260, 40
@@ -445,15 +451,14 @@ def test_uniform_coefficients_are_exact_in_16_bit(dtype):
     row_gated, col_gated = scattered(90, batch, gen), scattered(120, batch, gen)
     for coef, tol in ((2.0**-10, 0.0), (1 / (2 * batch * (batch - 1)), 1e-6)):
         coefs = torch.full((batch,), coef)
-        args = (rows, cols, col_pos, 0, None, None, 0.25, coefs, coefs, row_gated, col_gated)
-        want = ChunkedKernels().dense_backward(
-            *(t.double() if t is not None and t.is_floating_point() else t for t in args[:3]),
-            *args[3:7], coefs.double(), coefs.double(), row_gated, col_gated,
+        want = ChunkedBackend().dense_backward(
+            Block(rows.double(), cols.double(), col_pos.double()), 0.25,
+            GatedAnchors(coefs.double(), coefs.double(), row_gated, col_gated),
         )  # fmt: skip
         with panels(128):
-            got = triton_mod.KERNELS.dense_backward(
-                *(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args[:3]),
-                *args[3:7], *(t.to(DEVICE) for t in args[7:]),
+            got = triton_backend().dense_backward(
+                Block(*(t.to(DEVICE) for t in (rows, cols, col_pos))), 0.25,
+                GatedAnchors(*(t.to(DEVICE) for t in (coefs, coefs, row_gated, col_gated))),
             )  # fmt: skip
         for g, w in zip(got, want, strict=True):
             assert w.abs().max() > 0
@@ -564,7 +569,7 @@ def test_dense_backward_with_row_offset(dtype):
     """The distributed form of dense_backward: b < N rows at row_offset, with ids, random
     signed coefficients (W rounds to the input dtype), half the anchors of each side gated,
     two panels. Grid inputs make the active set the fp64 one; only the products round."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     gen = torch.Generator().manual_seed(17)
     batch, dim, offset, b = 300, 40, 70, 160
@@ -575,15 +580,16 @@ def test_dense_backward_with_row_offset(dtype):
     row_gated = torch.rand(b, generator=gen) < 0.5
     col_gated = torch.rand(batch, generator=gen) < 0.5
     margin = 0.25
-    want = ChunkedKernels().dense_backward(
-        rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
-        ids.cpu(), margin, row_coef.double(), col_coef.double(), row_gated, col_gated,
+    want = ChunkedBackend().dense_backward(
+        Block(rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
+              ids.cpu()),
+        margin, GatedAnchors(row_coef.double(), col_coef.double(), row_gated, col_gated),
     )  # fmt: skip
-    args = [t.to(DEVICE) for t in (rows, cols, col_pos.float())]
+    rows, cols, col_pos = (t.to(DEVICE) for t in (rows, cols, col_pos.float()))
     with panels(128):
-        got = triton_mod.KERNELS.dense_backward(
-            *args, offset, ids[offset : offset + b], ids, margin,
-            *(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated)),
+        got = triton_backend().dense_backward(
+            Block(rows, cols, col_pos, offset, ids[offset : offset + b], ids), margin,
+            GatedAnchors(*(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated))),
         )  # fmt: skip
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
@@ -595,7 +601,7 @@ def test_dense_backward_with_row_offset(dtype):
 def test_dense_backward_propagates_nan():
     """A NaN entry in one column reaches the gradient entries that the reference's
     W @ cols and W.T @ rows reach (0 * NaN included), gated or not, with no host check."""
-    triton_mod = _kernels()
+    _kernels()
     gen = torch.Generator().manual_seed(3)
     rows = _unit(torch.randn(200, 24, generator=gen))
     cols = rows + 0.1 * torch.randn(200, 24, generator=gen)
@@ -606,36 +612,40 @@ def test_dense_backward_propagates_nan():
     for nan_column_gated in (True, False):
         col_gated = torch.rand(200, generator=gen) < 0.5
         col_gated[5] = nan_column_gated
-        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, row_gated, col_gated)
-        want = ChunkedKernels().dense_backward(*args)
+        tensors = (rows, cols, d, coef, coef, row_gated, col_gated)
+        want = ChunkedBackend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(*tensors[3:])
+        )
+        on_device = [t.to(DEVICE) for t in tensors]
         with panels(128):
-            got = triton_mod.KERNELS.dense_backward(*(
-                t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args
-            ))  # fmt: skip
+            got = triton_backend().dense_backward(
+                Block(*on_device[:3]), MARGIN, GatedAnchors(*on_device[3:])
+            )
         assert torch.isnan(got[0]).any()
         for g, w in zip(got, want, strict=True):
             assert torch.equal(torch.isnan(g).cpu(), torch.isnan(w))
 
 
 def test_backward_variant_and_panel_switches():
-    triton_mod = _kernels()
-    from selhn_ext._triton import backward, config
+    _kernels()
+    from selhn_ext._triton import VARIANTS, TritonBackend, backward
 
-    assert config.BACKWARD_PATHS == ("panels",)
-    assert config.BACKWARD_PATH == os.environ.get("SELHN_TRITON_BACKWARD", "panels")
+    # dispatch lists the variants the backend implements, the default first.
+    assert dispatch.REGISTRY["triton"].variants == VARIANTS == ("panels",)
+    assert dispatch.variant("triton") == os.environ.get("SELHN_TRITON_BACKWARD", "panels")
+    assert triton_backend().variant == dispatch.variant("triton")
     img, txt = make_batch(20, 16, torch.float32, "collapsed", 2)
     d = positive_scores(img.detach(), txt.detach())
     coef = torch.ones(20, device=DEVICE)
     gated = torch.ones(20, dtype=torch.bool, device=DEVICE)
-    args = (img.detach(), txt.detach(), d, 0, None, None, MARGIN, coef, coef, gated, gated)
-    triton_mod.testing.backward = "tiles"  # a variant that no longer exists
-    try:
-        with pytest.raises(ValueError, match="backward path"):
-            triton_mod.KERNELS.dense_backward(*args)
-    finally:
-        triton_mod.testing.backward = None
+    args = (Block(img.detach(), txt.detach(), d), MARGIN, GatedAnchors(coef, coef, gated, gated))
+    # A variant that no longer exists is refused, by the dispatch and by the backend.
+    with pytest.raises(ValueError, match="not a variant"), dispatch.use_variant("triton", "tiles"):
+        pass
+    with pytest.raises(ValueError, match="backward variant"):
+        TritonBackend("tiles")
     with panels(100), pytest.raises(ValueError, match="multiple"):
-        triton_mod.KERNELS.dense_backward(*args)
+        triton_backend().dense_backward(*args)
     # P follows 2 D within its bounds, and never exceeds the anchors there are.
     assert backward.panel_size(512, 16384) == 1024
     assert backward.panel_size(200, 16384) == 512
@@ -645,19 +655,31 @@ def test_backward_variant_and_panel_switches():
 
 
 def test_backward_variant_comes_from_the_environment():
-    """SELHN_TRITON_BACKWARD is read once at import; an unknown value is refused there."""
+    """SELHN_TRITON_BACKWARD is read once, by dispatch, and shown by backend_status; an
+    unknown value is a reason the backend cannot run, raised when it is asked for."""
     _kernels()
-    code = "from selhn_ext._triton import config; print(config.backward_path())"
+    code = (
+        "import sys, torch, selhn_ext; from selhn_ext import dispatch\n"
+        "x = torch.randn(4, 3)\n"
+        "print(selhn_ext.backend_status(x, x).variants['triton'])\n"
+        "print(selhn_ext.backend_status(x, x)['triton'])\n"
+        "print(dispatch.backend('triton').variant if sys.argv[1] == 'panels' else '-')\n"
+        "selhn_ext.selhn_loss(x, x, backend='triton')\n"
+    )
     outputs = {}
     for value in ("panels", "panel"):
         env = dict(os.environ, SELHN_TRITON_BACKWARD=value)
         outputs[value] = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-        )
+            [sys.executable, "-c", code, value], capture_output=True, text=True, env=env,
+            timeout=300,
+        )  # fmt: skip
     assert outputs["panels"].returncode == 0, outputs["panels"].stderr[-2000:]
-    assert outputs["panels"].stdout.split()[-1] == "panels"
-    assert outputs["panel"].returncode != 0  # the old paths are gone
-    assert "SELHN_TRITON_BACKWARD" in outputs["panel"].stderr
+    assert outputs["panels"].stdout.split("\n")[:3] == ["panels", "None", "panels"]
+    old = outputs["panel"]  # the old paths are gone
+    assert old.returncode != 0
+    reason = "SELHN_TRITON_BACKWARD='panel' is not a variant of 'triton'"
+    assert reason in old.stdout.split("\n")[1]  # backend_status shows it
+    assert "BackendUnavailableError" in old.stderr and reason in old.stderr
 
 
 def test_opcheck():
@@ -698,8 +720,8 @@ MEMORY_CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    from selhn_ext._triton import KERNELS
-    from selhn_ext.kernel_interface import positive_scores
+    from selhn_ext import dispatch
+    from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
 
     def status_kib(field):
         with open("/proc/self/status") as f:
@@ -720,9 +742,10 @@ MEMORY_CHILD = textwrap.dedent(
         return img, txt, d, coef, gated
 
     def loss_pass(img, txt, d, coef, gated):
-        outputs = [*KERNELS.partials(img, txt, d, 0, None, None, 0.2)[0]]
-        outputs += KERNELS.dense_backward(
-            img, txt, d, 0, None, None, 0.2, coef, coef, gated, gated
+        backend = dispatch.backend("triton")
+        outputs = [*backend.partials(Block(img, txt, d), 0.2)[0]]
+        outputs += backend.dense_backward(
+            Block(img, txt, d), 0.2, GatedAnchors(coef, coef, gated, gated)
         )
         for out in outputs:  # zero-filled pages count once written
             out.fill_(1)

@@ -21,9 +21,9 @@ import torch
 import triton
 from torch import Tensor
 
+from ..kernel_interface import Block, GatedAnchors
 from . import backward_kernels
 from .config import (
-    backward_path,
     block_config,
     check_block,
     ids_or_placeholder,
@@ -83,6 +83,12 @@ def panel_size(dim: int, n_anchors: int) -> int:
     return min(size, triton.cdiv(n_anchors, PANEL_UNIT) * PANEL_UNIT)
 
 
+# The dense backward's variants (dispatch.py lists the same names). One so far: "panels"
+# recomputes each S tile that touches a gated anchor once, into W panels, and runs the
+# gradient products on tensor cores with owned output tiles (no float atomics).
+VARIANTS = ("panels",)
+
+
 def persistent_programs(device: torch.device) -> int:
     """One program per SM (each kernel holds one CTA per SM), or CPU_PROGRAMS."""
     sms = sm_count(device)
@@ -127,28 +133,24 @@ def _flags(gated: Tensor) -> Tensor:
 
 
 def dense_backward(
-    rows: Tensor,
-    cols: Tensor,
-    col_pos: Tensor,
-    row_offset: int,
-    row_ids: Tensor | None,
-    col_ids: Tensor | None,
+    block: Block,
     margin: float,
-    row_coef: Tensor,
-    col_coef: Tensor,
-    row_gated: Tensor,
-    col_gated: Tensor,
+    gated: GatedAnchors,
     *,
     deterministic: bool = False,
     allow_tf32: bool = False,
+    variant: str = VARIANTS[0],
 ) -> tuple[Tensor, Tensor]:
-    """The kernel interface's dense_backward (see kernel_interface.py).
+    """The kernel interface's dense_backward (see kernel_interface.py), for ``variant``
+    (one of VARIANTS, chosen by dispatch.py).
 
     Every output tile has one writer and the launches run in order, so the result is the
     same on every run: ``deterministic`` changes nothing here and costs nothing.
     """
-    check_block(rows, cols, col_pos, row_offset, row_ids, col_ids)
-    backward_path()  # refuses an unknown variant
+    check_block(block)
+    rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
+    row_ids, col_ids = block.row_ids, block.col_ids
+    row_coef, col_coef, row_gated, col_gated = gated
     cfg, gemm = block_config(rows.dtype), GEMM_CONFIGS[rows.dtype]
     b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
     device = rows.device
