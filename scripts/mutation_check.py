@@ -225,9 +225,9 @@ MUTANTS = [
     ),
     Mutant(
         "gated-coefficient",
-        "selhn_ext/ops.py",
-        "col_coef = up[1] * dense_weight[1]",
-        "col_coef = dense_weight[1]",
+        "selhn_ext/pipeline.py",
+        "col_up * saved.col_dense_weight",
+        "saved.col_dense_weight",
         ((EXACT, "-k", "chunked and zero"), (REF, "-k", "chunked")),
         "the gated caption anchors' coefficient skips the upstream gradient",
     ),
@@ -277,27 +277,27 @@ MUTANTS = [
     # -------------------------------------------------------------------- distributed
     Mutant(
         "bool-buffer-distributed",
-        "selhn_ext/distributed.py",
-        "        n_all = count_negatives(ids_all, total, img.device)\n",
-        "        n_all = count_negatives(ids_all, total, img.device)\n"
-        "        ctx.held = torch.ones(local, total, dtype=torch.bool, device=img.device)\n",
+        "selhn_ext/pipeline.py",
+        "        n_all = count_negatives(ids_all, exchange.total, img.device)\n",
+        "        n_all = count_negatives(ids_all, exchange.total, img.device)\n"
+        "        held = torch.ones(exchange.local, exchange.total, dtype=torch.bool)  # noqa\n",
         ((DIST, "-k", "batch_by_batch"),),
         "each rank holds a b x N bool buffer",
     ),
     Mutant(
-        "determinism-distributed",
-        "selhn_ext/distributed.py",
-        "deterministic=options.deterministic,",
+        "determinism-pipeline",
+        "selhn_ext/pipeline.py",
+        "deterministic=settings.deterministic,",
         "deterministic=False,",
         ((DIST, "-k", "deterministic_bits"),),
-        "the distributed loss runs its kernels non-deterministically whatever the flag",
-        count=2,
+        "the loss pipeline (one process or several) runs its kernels non-deterministically",
+        count=3,
     ),
     Mutant(
         "rank-sum-backward",
-        "selhn_ext/distributed.py",
-        "        return grad, None\n",
-        "        return grad * 2, None\n",
+        "selhn_ext/ops.py",
+        "lambda ctx, grad: (grad, None)",
+        "lambda ctx, grad: (grad * 2, None)",
         ((DIST, "-k", "matches_single and chunked"),),
         "the loss summed over ranks sends each rank a scaled upstream gradient",
     ),
@@ -305,8 +305,8 @@ MUTANTS = [
     Mutant(
         "square-buffer-loss",
         "selhn_ext/ops.py",
-        "    ctx.options = (margin, backend, deterministic, allow_tf32)\n",
-        "    ctx.options = (margin, backend, deterministic, allow_tf32)\n"
+        "    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)\n",
+        "    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)\n"
         "    ctx.held = torch.ones(img.shape[0], img.shape[0], dtype=torch.bool)\n",
         ((MEM,),),
         "the loss keeps a B x B bool buffer until backward",
