@@ -19,6 +19,9 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The default CPU benchmark plan; rows, log and figures go to bench/out/ (ignored by git).
+# `make bench UPDATE_RESULTS=1` appends to the committed bench/results/ instead.
+BENCH_FLAGS := $(if $(UPDATE_RESULTS),--update-committed)
 bench: setup
-	$(PY) bench/run.py
-	$(PY) bench/plot.py
+	$(PY) bench/run.py $(BENCH_FLAGS)
+	$(PY) bench/plot.py $(BENCH_FLAGS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Proves that the CUDA kernels (csrc/selhn_cuda.cu) compile and link against a CUDA build
-# of torch and that loading selhn_ext._C registers torch.ops.selhn.*_cuda. Needs no GPU.
+# Proves that the CUDA kernels (csrc/*.cu) compile and link against a CUDA build of torch,
+# with no GPU visible and no target architecture named, and that loading selhn_ext._C
+# registers the CUDA kernels of torch.ops.selhn.*. Needs no GPU.
 #
 # Uses its own venv (SELHN_CUDA_VENV, default /tmp/selhn-cuda-venv) with the local CUDA
 # build torch==2.14.1 (cu130, matching nvcc 13.0), and builds from a copy of the source
@@ -14,7 +15,7 @@ START=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
   python3.11 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q torch==2.14.1 numpy setuptools wheel ninja
+"$VENV/bin/pip" install -q torch==2.14.1 numpy "setuptools>=77" wheel ninja filelock
 
 SRC=$(mktemp -d /tmp/selhn-cuda-src.XXXXXX)
 trap 'rm -rf "$SRC"' EXIT
@@ -26,7 +27,9 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 # (setup.py adds the same directory; CPATH covers the host compiler too).
 export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 export CUDA_HOME=/usr/local/cuda
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+# TORCH_CUDA_ARCH_LIST stays unset: with no GPU visible, setup.py chooses sm_80 and sm_90
+# (selhn_ext/build.py) instead of letting torch probe for a device, which fails.
+unset TORCH_CUDA_ARCH_LIST
 export SELHN_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
 (cd "$SRC" && "$VENV/bin/pip" install -q --no-build-isolation --no-deps .)

@@ -1,8 +1,9 @@
-"""Fallback build of the compiled kernels with ``torch.utils.cpp_extension.load`` (ninja).
+"""Fallback build of the compiled kernels with ``selhn_ext.build_extension`` (ninja).
 
 Used by ``bench/gpu_check.sh`` when ``pip install --no-build-isolation .`` fails. The
-library is built under the name and in the folder where ``selhn_ext._cpp`` looks for a JIT
-build, so later processes that import ``selhn_ext`` from the source tree load it.
+library goes into the per-user cache keyed by the torch version, flags and sources
+(``selhn_ext/build.py``), where later processes that import ``selhn_ext`` from the source
+tree find it.
 
     python3 bench/jit_build.py [--cuda]
 """
@@ -21,33 +22,10 @@ def main() -> int:
     parser.add_argument("--cuda", action="store_true", help="build the CUDA kernels too")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from torch.utils import cpp_extension
+    import selhn_ext
 
-    from selhn_ext import _cpp
-
-    csrc = REPO / "csrc"
-    sources = [csrc / "selhn_ops.cpp", csrc / "selhn_cpu.cpp"]
-    include_dirs = [str(csrc)]
-    if args.cuda:
-        sources.append(csrc / "selhn_cuda.cu")
-        # ATen's CUDA headers include headers that the pip CUDA runtime ships.
-        include_dirs += [
-            str(Path(entry, sub))
-            for entry in sys.path
-            for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include")
-            if Path(entry, sub).is_dir()
-        ]
-    build_dir = _cpp._jit_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        _cpp._JIT_NAME, [str(s) for s in sources],
-        extra_cflags=["-O3", "-fopenmp", "-g0", "-ffp-contract=off"],
-        extra_cuda_cflags=["-O3", "-g0", "--expt-relaxed-constexpr", "-lineinfo"],
-        extra_ldflags=["-lgomp"], extra_include_paths=include_dirs,
-        build_directory=str(build_dir), is_python_module=False, with_cuda=args.cuda,
-        verbose=True,
-    )  # fmt: skip
-    print(f"built {build_dir / (_cpp._JIT_NAME + '.so')}")
+    library = selhn_ext.build_extension(cuda=args.cuda, verbose=True)
+    print(f"built {library}")
     return 0
 
 

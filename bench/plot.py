@@ -1,6 +1,8 @@
 """Draw PNG figures from benchmark CSV rows.
 
-    python bench/plot.py bench/results/cpu.csv [--out bench/results]
+    python bench/plot.py                        # bench/out/*.csv -> PNGs in bench/out
+    python bench/plot.py --update-committed     # bench/results/*.csv -> PNGs in bench/results
+    python bench/plot.py rows.csv --out figures
 
 One figure per (device, dtype, D, gate mix) group with data: median time (top) and peak
 extra memory (bottom) against B, log-log, one column per pass with data, one line per
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PASSES, RESULTS_DIR, read_rows  # noqa: E402
+from common import OUT_DIR, PASSES, RESULTS_DIR, read_rows  # noqa: E402
 from table import latest  # noqa: E402
 
 
@@ -132,13 +134,19 @@ def plot(rows: list[dict[str, str]], out_dir: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", nargs="*", type=Path, help="default: bench/results/*.csv")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the PNGs")
+    parser.add_argument("csv", nargs="*", type=Path, help="default: <folder>/*.csv")
+    parser.add_argument("--out", type=Path, help="folder for the PNGs (default: <folder>)")
+    parser.add_argument(
+        "--update-committed",
+        action="store_true",
+        help="<folder> is the committed bench/results instead of the ignored bench/out",
+    )
     args = parser.parse_args(argv)
-    paths = args.csv or sorted(RESULTS_DIR.glob("*.csv"))
+    folder = RESULTS_DIR if args.update_committed else OUT_DIR
+    paths = args.csv or sorted(folder.glob("*.csv"))
     if not paths:
-        raise SystemExit("no CSV given and none in bench/results/")
-    written = plot(read_rows(paths), args.out)
+        raise SystemExit(f"no CSV given and none in {folder}")
+    written = plot(read_rows(paths), args.out or folder)
     for path in written:
         print(path)
     if not written:

@@ -231,7 +231,9 @@ def find_regions(instructions: list[Instruction]) -> list[Regions]:
     for k_span in sorted(k_spans):
         around = [s for s in spans if s[0] <= k_span[0] and k_span[1] <= s[1] and s != k_span]
         tile = around[0] if around else k_span
-        inner = [s for s in spans if tile[0] <= s[0] and s[1] <= tile[1] and s not in (tile, k_span)]
+        inner = [
+            s for s in spans if tile[0] <= s[0] and s[1] <= tile[1] and s not in (tile, k_span)
+        ]
         regions = Regions(flattened=tile == k_span)
         for i in range(tile[0], tile[1] + 1):
             in_k = is_main(instructions[i]) if regions.flattened else k_span[0] <= i <= k_span[1]

@@ -3,6 +3,7 @@
     python bench/table.py bench/results/cpu.csv --pass forward_backward
     python bench/table.py gpu.csv --batch 16384 --dim 1024 --dtype bf16
     python bench/table.py gpu.csv --pivot        # ratio to torch.mm: shapes x backends
+    python bench/table.py gpu.csv --batch 16384 --dim 1024 --dtype bf16 --by-gate-mix
 
 Rows are the latest of each (device, backend, B, D, dtype, mode, gate mix, deterministic,
 pass) unless ``--all-rows``.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import STATS_SUFFIX, read_rows  # noqa: E402
+from common import GATE_MIXES, STATS_SUFFIX, read_rows  # noqa: E402
 
 IDENTITY = ("device", "backend", "B", "D", "dtype", "mode", "gate_mix", "deterministic", "pass")
 
@@ -92,6 +93,31 @@ def format_pivot(rows: list[dict[str, str]], pass_name: str) -> str:
     return title + "\n" + body
 
 
+def format_by_gate_mix(rows: list[dict[str, str]]) -> str:
+    """For each backend, option set and pass: its ratio to torch.mm at every gate mix.
+
+    Meant for rows of one shape (the headline); cells read ``ratio (ms)`` or a status.
+    """
+    lines: dict[tuple, dict[str, str]] = {}
+    mixes = [m for m in GATE_MIXES if any(r["gate_mix"] == m for r in rows)]
+    for row in rows:
+        if row["backend"] == "torch_mm":
+            continue
+        det = "det" if row["deterministic"] == "1" else ""
+        key = (row["backend"], row["mode"], det, row["pass"])
+        if row["status"] == "ok":
+            value = f"{float(row['ratio_to_mm'] or 'nan'):.2f}x ({float(row['median_ms']):.3g} ms)"
+        else:
+            value = row["status"]
+        lines.setdefault(key, {})[row["gate_mix"]] = value
+    header = ("backend", "mode", "det", "pass", *mixes)
+    table = [header] + [(*key, *(cells.get(m, "") for m in mixes)) for key, cells in lines.items()]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    title = "ratio to one torch.mm (median ms) by gate mix"
+    body = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in table)
+    return title + "\n" + body
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", nargs="+", type=Path)
@@ -101,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype")
     parser.add_argument("--backend", help="only these backends, comma list")
     parser.add_argument("--pivot", action="store_true", help="shapes x backends ratios")
+    parser.add_argument("--by-gate-mix", action="store_true", help="backends x gate mixes")
     parser.add_argument("--all-rows", action="store_true", help="keep repeated measurements")
     args = parser.parse_args(argv)
     rows = read_rows(args.csv)
@@ -117,6 +144,11 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r["backend"] in wanted]
     if args.pivot:
         print(format_pivot(rows, args.pass_name or "forward_backward"))
+        return 0
+    if args.by_gate_mix:
+        if args.pass_name:
+            rows = [r for r in rows if r["pass"] == args.pass_name]
+        print(format_by_gate_mix(rows) if rows else "(no rows)")
         return 0
     if args.pass_name:
         rows = [r for r in rows if r["pass"] == args.pass_name or r["backend"] == "torch_mm"]

@@ -1,7 +1,7 @@
-// The register-blocked S tile kernel, written once against a small vector-ops type and
-// included by selhn_cpu.cpp once per instruction set, each time inside its own namespace
-// and ``#pragma GCC target`` region (so the same template compiles to AVX2 and AVX-512
-// code). No include guard on purpose.
+// The register-blocked GEMM kernels (the S tile and the gradient products), written once
+// against a small vector-ops type and included once per instruction set, each time inside
+// its own namespace and ``#pragma GCC target`` region (selhn_cpu_simd.cpp), so the same
+// template compiles to AVX2 and AVX-512 code. No include guard on purpose.
 //
 // The including namespace defines, for T = float and T = double, an ops type with:
 //   T, V (vector of L lanes), L, MR (rows per micro block), zero(), load(p), broadcast(p)
@@ -9,8 +9,15 @@
 //
 // Every element S_ij is one FMA chain over k = 0, 1, ..., D - 1 starting from +0, lane j
 // of a vector FMA doing exactly std::fma(a_ik, b_jk, acc). Blocking only decides which
-// chains run side by side, never the operations inside a chain, so S_ij depends on row i,
+// chains run side by side and where a chain's running value waits between k blocks (in
+// the output, exactly), never the operations inside a chain, so S_ij depends on row i,
 // column j and D alone (and equals the portable std::fma loop bit for bit).
+//
+// Blocking: a micro block of MR rows x NR = 2L columns keeps its 2 * MR accumulators in
+// registers (6 x 16 fp32 on AVX2's 16 ymm registers, 12 x 32 on AVX-512's 32). Both
+// operands are packed k-major (rows in panels of MR, columns in slices of NR), so the
+// inner loop reads two streams, and k runs in blocks of kc so one column slice block
+// (kc x NR) stays in the L1 cache while every row panel of the tile passes over it.
 
 // Columns per panel slice: two vectors, so each broadcast row value feeds two FMAs.
 template <class Ops>
@@ -18,178 +25,186 @@ constexpr int64_t panel_width() {
   return 2 * Ops::L;
 }
 
-// Packs the nb x dim column block ``b`` (row-major) into ceil(nb / NR) slices of dim x NR
-// (k-major, column c of slice q = b's row q * NR + c), zero-padding the last slice.
+// k block: a column slice block of kc x NR values fills 16 KiB (half of a 32 KiB L1).
 template <class Ops>
-void pack_panel(const typename Ops::T* b, int64_t nb, int64_t dim, typename Ops::T* panel) {
+constexpr int64_t k_block() {
+  return 16384 / (panel_width<Ops>() * static_cast<int64_t>(sizeof(typename Ops::T)));
+}
+
+// Packs the n x dim row-major block ``x`` into ceil(n / W) panels of dim x W (k-major:
+// element (k, c) of panel q = x's row q * W + c), zero-padding the last panel. W = NR packs
+// columns for the S tile, W = MR packs rows.
+template <class Ops, int64_t W>
+void pack_k_major(const typename Ops::T* x, int64_t n, int64_t dim, typename Ops::T* out) {
   using T = typename Ops::T;
-  constexpr int64_t NR = panel_width<Ops>();
-  for (int64_t j0 = 0; j0 < nb; j0 += NR) {
-    T* slice = panel + j0 * dim;  // slice q starts at q * dim * NR = j0 * dim
-    const int64_t cols = std::min(NR, nb - j0);
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    T* panel = out + j0 * dim;  // panel q starts at q * dim * W = j0 * dim
+    const int64_t count = std::min(W, n - j0);
     for (int64_t k = 0; k < dim; ++k) {
-      T* out = slice + k * NR;
+      T* dst = panel + k * W;
       int64_t c = 0;
-      for (; c < cols; ++c) out[c] = b[(j0 + c) * dim + k];
-      for (; c < NR; ++c) out[c] = T(0);
+      for (; c < count; ++c) dst[c] = x[(j0 + c) * dim + k];
+      for (; c < W; ++c) dst[c] = T(0);
     }
   }
 }
 
-// An MR_ x NR block of S: rows a[0 .. MR_) (stride dim) against one panel slice; writes the
-// first ``cols`` columns to s (stride lds). The accumulators stay in registers.
+template <class Ops>
+void pack_columns(const typename Ops::T* b, int64_t nb, int64_t dim, typename Ops::T* out) {
+  pack_k_major<Ops, panel_width<Ops>()>(b, nb, dim, out);
+}
+
+template <class Ops>
+void pack_rows(const typename Ops::T* a, int64_t na, int64_t dim, typename Ops::T* out) {
+  pack_k_major<Ops, Ops::MR>(a, na, dim, out);
+}
+
+// Packs the n x dim row-major block ``x`` into NR-wide column strips (strip q holds
+// columns [q * NR, q * NR + NR) of every row, n x NR, zero-padded), the layout the
+// gradient products read their right-hand side in.
+template <class Ops>
+void pack_strips(const typename Ops::T* x, int64_t n, int64_t dim, typename Ops::T* out) {
+  using T = typename Ops::T;
+  constexpr int64_t NR = panel_width<Ops>();
+  for (int64_t k = 0; k < n; ++k) {  // each source row once, in order
+    const T* src = x + k * dim;
+    for (int64_t j0 = 0; j0 < dim; j0 += NR) {
+      T* dst = out + j0 * n + k * NR;
+      const int64_t count = std::min(NR, dim - j0);
+      int64_t c = 0;
+      for (; c < count; ++c) dst[c] = src[j0 + c];
+      for (; c < NR; ++c) dst[c] = T(0);
+    }
+  }
+}
+
+// The accumulators of an MR_ x NR block: start from c (rows x cols valid, stride ldc) or
+// from zero, and store back the valid part.
 template <class Ops, int MR_>
-inline void micro_block(const typename Ops::T* a, int64_t dim, const typename Ops::T* slice,
-                        int64_t cols, typename Ops::T* s, int64_t lds) {
+struct Accumulators {
   using T = typename Ops::T;
   using V = typename Ops::V;
-  constexpr int L = Ops::L;
-  constexpr int64_t NR = panel_width<Ops>();
+  static constexpr int L = Ops::L;
+  static constexpr int64_t NR = panel_width<Ops>();
   V lo[MR_], hi[MR_];
+
+  void start(bool from_zero, const T* c, int64_t cols, int64_t ldc) {
+    if (from_zero) {
 #pragma GCC unroll 16
-  for (int r = 0; r < MR_; ++r) lo[r] = hi[r] = Ops::zero();
-  for (int64_t k = 0; k < dim; ++k) {
-    const V b_lo = Ops::load(slice + k * NR);
-    const V b_hi = Ops::load(slice + k * NR + L);
+      for (int r = 0; r < MR_; ++r) lo[r] = hi[r] = Ops::zero();
+      return;
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < MR_; ++r) {
-      const V x = Ops::broadcast(a + r * dim + k);
-      lo[r] = Ops::fma(x, b_lo, lo[r]);
-      hi[r] = Ops::fma(x, b_hi, hi[r]);
+      if (cols == NR) {
+        lo[r] = Ops::load(c + r * ldc);
+        hi[r] = Ops::load(c + r * ldc + L);
+      } else {
+        T tmp[NR] = {};
+        for (int64_t j = 0; j < cols; ++j) tmp[j] = c[r * ldc + j];
+        lo[r] = Ops::load(tmp);
+        hi[r] = Ops::load(tmp + L);
+      }
     }
   }
-  for (int r = 0; r < MR_; ++r) {
-    T* out = s + r * lds;
-    if (cols == NR) {
-      Ops::store(out, lo[r]);
-      Ops::store(out + L, hi[r]);
-    } else {
-      T tmp[NR];
-      Ops::store(tmp, lo[r]);
-      Ops::store(tmp + L, hi[r]);
-      for (int64_t c = 0; c < cols; ++c) out[c] = tmp[c];
+
+  void finish(T* c, int64_t cols, int64_t ldc) const {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR_; ++r) {
+      if (cols == NR) {
+        Ops::store(c + r * ldc, lo[r]);
+        Ops::store(c + r * ldc + L, hi[r]);
+      } else {
+        T tmp[NR];
+        Ops::store(tmp, lo[r]);
+        Ops::store(tmp + L, hi[r]);
+        for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = tmp[j];
+      }
     }
   }
+
+  // K steps of acc += a[k] (x) b[k]: a packed k-major with stride MR (a panel), b packed
+  // k-major with stride NR (a slice or a strip).
+  void run(const T* a, const T* b, int64_t K) {
+    for (int64_t k = 0; k < K; ++k) {
+      const V b_lo = Ops::load(b + k * NR);
+      const V b_hi = Ops::load(b + k * NR + L);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR_; ++r) {
+        const V x = Ops::broadcast(a + k * Ops::MR + r);
+        lo[r] = Ops::fma(x, b_lo, lo[r]);
+        hi[r] = Ops::fma(x, b_hi, hi[r]);
+      }
+    }
+  }
+};
+
+// One micro block: c (rows x cols) = (from_zero ? 0 : c) + a_panel @ b_panel over K steps.
+template <class Ops, int MR_>
+void micro_block(const typename Ops::T* a, const typename Ops::T* b, int64_t K, bool from_zero,
+                 typename Ops::T* c, int64_t cols, int64_t ldc) {
+  Accumulators<Ops, MR_> acc;
+  acc.start(from_zero, c, cols, ldc);
+  acc.run(a, b, K);
+  acc.finish(c, cols, ldc);
 }
 
-// The last rows < MR of a tile: a micro block of exactly that many rows.
+// The last rows < MR of a block: a micro block of exactly that many rows.
 template <class Ops, int MR_>
-inline void tail_block(int64_t rows, const typename Ops::T* a, int64_t dim,
-                       const typename Ops::T* slice, int64_t cols, typename Ops::T* s,
-                       int64_t lds) {
+void tail_block(int64_t rows, const typename Ops::T* a, const typename Ops::T* b, int64_t K,
+                bool from_zero, typename Ops::T* c, int64_t cols, int64_t ldc) {
   if constexpr (MR_ > 0) {
     if (rows == MR_) {
-      micro_block<Ops, MR_>(a, dim, slice, cols, s, lds);
+      micro_block<Ops, MR_>(a, b, K, from_zero, c, cols, ldc);
     } else {
-      tail_block<Ops, MR_ - 1>(rows, a, dim, slice, cols, s, lds);
+      tail_block<Ops, MR_ - 1>(rows, a, b, K, from_zero, c, cols, ldc);
     }
   }
 }
 
-// s[i * lds + j] = <a_i, b_j> for the na x nb tile, from the column block packed by
-// pack_panel; the caller packs once and reuses the panel for any number of row blocks.
+// c (m x n, stride ldc) = (from_zero ? 0 : c) + A @ B over K steps, A given as MR-row
+// panels (panel stride a_panel values) and B as NR-wide slices (slice stride b_slice),
+// both k-major. Slices outer, row panels inner: each slice block is reused from L1 by
+// every row panel.
 template <class Ops>
-void multiply_panel(const typename Ops::T* a, int64_t na, const typename Ops::T* panel,
-                    int64_t nb, int64_t dim, typename Ops::T* s, int64_t lds) {
+void multiply_blocks(const typename Ops::T* a, int64_t a_panel, int64_t m,
+                     const typename Ops::T* b, int64_t b_slice, int64_t n, int64_t K,
+                     bool from_zero, typename Ops::T* c, int64_t ldc) {
   constexpr int64_t NR = panel_width<Ops>();
   constexpr int MR = Ops::MR;
-  for (int64_t j0 = 0; j0 < nb; j0 += NR) {
-    const auto* slice = panel + j0 * dim;
-    const int64_t cols = std::min(NR, nb - j0);
+  for (int64_t j0 = 0; j0 < n; j0 += NR) {
+    const auto* slice = b + (j0 / NR) * b_slice;
+    const int64_t cols = std::min(NR, n - j0);
     int64_t i = 0;
-    for (; i + MR <= na; i += MR) {
-      micro_block<Ops, MR>(a + i * dim, dim, slice, cols, s + i * lds + j0, lds);
+    for (; i + MR <= m; i += MR) {
+      micro_block<Ops, MR>(a + (i / MR) * a_panel, slice, K, from_zero, c + i * ldc + j0, cols,
+                           ldc);
     }
-    if (i < na) {
-      tail_block<Ops, MR - 1>(na - i, a + i * dim, dim, slice, cols, s + i * lds + j0, lds);
-    }
-  }
-}
-
-// The gradient products. c (m x n, stride ldc) += A @ b, where A is m x K with element
-// (i, k) at a[i * a_row + k * a_k] (so W and W.T are read in place) and b is K x n (stride
-// ldb). Each c_ij continues its own FMA chain from its current value over k = 0 .. K-1.
-
-// An MR_ x NR block of c over full NR-wide columns.
-template <class Ops, int MR_>
-inline void update_block(const typename Ops::T* a, int64_t a_row, int64_t a_k, int64_t K,
-                         const typename Ops::T* b, int64_t ldb, typename Ops::T* c,
-                         int64_t ldc) {
-  using V = typename Ops::V;
-  constexpr int L = Ops::L;
-  V lo[MR_], hi[MR_];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR_; ++r) {
-    lo[r] = Ops::load(c + r * ldc);
-    hi[r] = Ops::load(c + r * ldc + L);
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const V b_lo = Ops::load(b + k * ldb);
-    const V b_hi = Ops::load(b + k * ldb + L);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR_; ++r) {
-      const V x = Ops::broadcast(a + r * a_row + k * a_k);
-      lo[r] = Ops::fma(x, b_lo, lo[r]);
-      hi[r] = Ops::fma(x, b_hi, hi[r]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR_; ++r) {
-    Ops::store(c + r * ldc, lo[r]);
-    Ops::store(c + r * ldc + L, hi[r]);
-  }
-}
-
-template <class Ops, int MR_>
-inline void update_tail(int64_t rows, const typename Ops::T* a, int64_t a_row, int64_t a_k,
-                        int64_t K, const typename Ops::T* b, int64_t ldb, typename Ops::T* c,
-                        int64_t ldc) {
-  if constexpr (MR_ > 0) {
-    if (rows == MR_) {
-      update_block<Ops, MR_>(a, a_row, a_k, K, b, ldb, c, ldc);
-    } else {
-      update_tail<Ops, MR_ - 1>(rows, a, a_row, a_k, K, b, ldb, c, ldc);
+    if (i < m) {
+      tail_block<Ops, MR - 1>(m - i, a + (i / MR) * a_panel, slice, K, from_zero,
+                              c + i * ldc + j0, cols, ldc);
     }
   }
 }
 
-// One NR-wide column strip of c, all m rows.
+// s[i * lds + j] = <a_i, b_j> for the na x nb tile, from rows packed by pack_rows and
+// columns packed by pack_columns (both over the full dim), in k blocks of k_block().
 template <class Ops>
-inline void update_strip(const typename Ops::T* a, int64_t a_row, int64_t a_k, int64_t m,
-                         int64_t K, const typename Ops::T* b, int64_t ldb, typename Ops::T* c,
-                         int64_t ldc) {
-  constexpr int MR = Ops::MR;
-  int64_t i = 0;
-  for (; i + MR <= m; i += MR) {
-    update_block<Ops, MR>(a + i * a_row, a_row, a_k, K, b, ldb, c + i * ldc, ldc);
-  }
-  if (i < m) {
-    update_tail<Ops, MR - 1>(m - i, a + i * a_row, a_row, a_k, K, b, ldb, c + i * ldc, ldc);
+void multiply_packed(const typename Ops::T* rows, int64_t na, const typename Ops::T* cols,
+                     int64_t nb, int64_t dim, typename Ops::T* s, int64_t lds) {
+  constexpr int64_t KC = k_block<Ops>();
+  for (int64_t k0 = 0; k0 < dim; k0 += KC) {
+    const int64_t kc = std::min(KC, dim - k0);
+    multiply_blocks<Ops>(rows + k0 * Ops::MR, dim * Ops::MR, na, cols + k0 * panel_width<Ops>(),
+                         dim * panel_width<Ops>(), nb, kc, k0 == 0, s, lds);
   }
 }
 
-// c (m x n) += A @ b. The last n % NR columns go through zero-padded copies of their b and c
-// columns (``scratch``: room for (K + m) * NR values), so every column takes the same path.
+// The gradient products: c (m x dim, stride dim) += A @ b, A (m x K) given as MR-row panels
+// (k-major, panel stride K * MR, as pack_weights writes them) and b (K x dim) as NR-wide
+// strips (pack_strips). Each c element continues its own FMA chain over k = 0 .. K-1.
 template <class Ops>
-void add_product(const typename Ops::T* a, int64_t a_row, int64_t a_k, int64_t m, int64_t K,
-                 const typename Ops::T* b, int64_t ldb, int64_t n, typename Ops::T* c,
-                 int64_t ldc, typename Ops::T* scratch) {
-  using T = typename Ops::T;
-  constexpr int64_t NR = panel_width<Ops>();
-  int64_t j0 = 0;
-  for (; j0 + NR <= n; j0 += NR) update_strip<Ops>(a, a_row, a_k, m, K, b + j0, ldb, c + j0, ldc);
-  if (j0 == n) return;
-  const int64_t cols = n - j0;
-  T* b_pad = scratch;
-  T* c_pad = scratch + K * NR;
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t j = 0; j < NR; ++j) b_pad[k * NR + j] = j < cols ? b[k * ldb + j0 + j] : T(0);
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < NR; ++j) c_pad[i * NR + j] = j < cols ? c[i * ldc + j0 + j] : T(0);
-  }
-  update_strip<Ops>(a, a_row, a_k, m, K, b_pad, NR, c_pad, NR);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < cols; ++j) c[i * ldc + j0 + j] = c_pad[i * NR + j];
-  }
+void add_product(const typename Ops::T* a, int64_t m, int64_t K, const typename Ops::T* b,
+                 int64_t dim, typename Ops::T* c) {
+  multiply_blocks<Ops>(a, K * Ops::MR, m, b, K * panel_width<Ops>(), dim, K, false, c, dim);
 }

@@ -38,6 +38,10 @@ TRAIN_FLAGS = {
 }
 
 
+# ``--resume`` without a path: the output folder's last.pt.
+RESUME_FROM_OUT = object()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rvsepp",
@@ -45,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rvsepp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_extract_parser(commands)
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_demo_parser(commands)
+    return parser
 
+
+def _add_extract_parser(commands: Any) -> None:
     extract = commands.add_parser(
         "extract-features",
         help="images + a caption TSV -> a precomp folder of region features",
@@ -61,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--resume", action="store_true", help="continue an interrupted run")
     extract.add_argument("--max-images", type=int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_train_parser(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train RVSE++ on a precomp folder",
@@ -88,7 +101,20 @@ def _parser() -> argparse.ArgumentParser:
         help="pairs showing the same image are not negatives of each other",
     )
     train.add_argument("--captions-per-image", type=int, default=None, help="SCAN folders: 5")
-    train.add_argument("--resume", type=Path, default=None, help="a last.pt to continue from")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        nargs="?",
+        const=RESUME_FROM_OUT,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint (default: OUT/last.pt)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds a run: move it aside (to OUT.replaced-TIME) and start anew",
+    )
     train.add_argument("--config", type=Path, default=None, help="a JSON config file")
     train.add_argument("--vocab", type=str, default=None, help="a SCAN vocabulary JSON (BiGRU)")
     train.add_argument(
@@ -109,13 +135,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_eval_parser(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="retrieval metrics of a checkpoint on a split",
         description="Image-to-text and text-to-image R@1/5/10, rsum, median and mean rank.",
     )
     evaluate.add_argument("--data", required=True, type=Path, help="the precomp folder")
-    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument(
+        "--checkpoint", required=True, type=Path, help="rvsepp best.pt / last.pt, or a "
+        "released RVSE++ / VSE-infinity BiGRU model_best.pth (then also --vocab)",
+    )  # fmt: skip
+    evaluate.add_argument("--vocab", type=Path, default=None, help="SCAN's vocabulary JSON")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument(
         "--fold5", action="store_true", help="also the mean over 5 folds (MS-COCO 5-fold 1K)"
@@ -124,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
+
+def _add_demo_parser(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="SelHN vs hardest negatives on the shipped emoji subset",
@@ -138,9 +172,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cache-dir", type=Path, default=None, help="default $SELHN_CACHE_DIR or ~/.cache/selhn"
     )
-    demo.add_argument("--out", type=Path, default=None, help="keep the runs here")
+    demo.add_argument(
+        "--out", type=Path, default=None, help="keep the runs here (default: demo-runs/DATE-TIME)"
+    )
     demo.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -164,8 +199,10 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     from .config import TrainConfig, config_from_dict, load_config
 
     config = TrainConfig()
+    if args.resume is RESUME_FROM_OUT:
+        args.resume = args.out / "last.pt"
     if args.resume is not None and args.config is None:
-        from .train import load_checkpoint
+        from .checkpoint import load_checkpoint
 
         config = config_from_dict(load_checkpoint(args.resume)["config"], source=str(args.resume))
     if args.config is not None:
@@ -206,56 +243,42 @@ def _command_train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = train_config_from_args(args)
-    train(config, args.data, args.out, resume=args.resume)
+    train(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
-
-
-def format_metrics_table(metrics: dict[str, float], title: str) -> str:
-    """A small table: one row per direction with R@1, R@5, R@10, medr, meanr; then rsum."""
-    lines = [title, f"{'':<6}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}"]
-    for direction in ("i2t", "t2i"):
-        cells = "".join(f"{metrics[f'{direction}_r{k}']:>8.2f}" for k in (1, 5, 10))
-        lines.append(
-            f"{direction:<6}{cells}{metrics[f'{direction}_medr']:>8.1f}"
-            f"{metrics[f'{direction}_meanr']:>9.2f}"
-        )
-    lines.append(f"rsum {metrics['rsum']:.2f}")
-    return "\n".join(lines)
 
 
 def _command_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import config_from_dict
-    from .evaluate import encode_split, fold5_metrics, retrieval_metrics
+    from .build import make_text, token_cache_dir
+    from .evaluate import encode_split, format_report, retrieval_report
     from .precomp import load_split
-    from .train import load_checkpoint, make_text, model_from_checkpoint, token_cache_dir
+    from .released import load_for_eval
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    checkpoint = load_checkpoint(args.checkpoint)
-    model, vocab = model_from_checkpoint(checkpoint, device)
-    config = config_from_dict(checkpoint["config"], source=str(args.checkpoint))
+    loaded = load_for_eval(args.checkpoint, device, args.vocab)
     split = load_split(args.data, args.split, args.captions_per_image)
-    if split.images.shape[2] != checkpoint["feature_dim"]:
+    if split.images.shape[2] != loaded.feature_dim:
         raise ValueError(
             f"{args.data}: {args.split} features have {split.images.shape[2]} dimensions, "
-            f"the checkpoint's model takes {checkpoint['feature_dim']}"
+            f"the checkpoint's model takes {loaded.feature_dim}"
         )
-    cache = token_cache_dir(config, args.data, args.checkpoint.parent)
-    text = make_text(config, split, vocab, train=False, cache_dir=cache)
-    img_emb, txt_emb, img_index = encode_split(model, split, args.batch_size, device, text=text)
-    progress = checkpoint["progress"]
-    print(
-        f"checkpoint {args.checkpoint} (epoch {progress['epoch']}, step {progress['step']}); "
-        f"split {args.split}: {split.n_images} images, {split.n_captions} captions"
+    cache = token_cache_dir(loaded.config, args.data, args.checkpoint.parent)
+    text = make_text(loaded.config, split, loaded.vocab, train=False, cache_dir=cache)
+    img_emb, txt_emb, img_index = encode_split(
+        loaded.model, split, args.batch_size, device, text=text
     )
-    print(format_metrics_table(retrieval_metrics(img_emb, txt_emb, img_index), "all images"))
+    print(
+        f"{loaded.description}; split {args.split}: {split.n_images} images, "
+        f"{split.n_captions} captions"
+    )
+    print(format_report(retrieval_report(img_emb, txt_emb, img_index), "all images"))
     if args.fold5:
-        metrics = fold5_metrics(img_emb, txt_emb, img_index)
-        print(format_metrics_table(metrics, "5-fold mean (each fold 1/5 of the images)"))
+        report = retrieval_report(img_emb, txt_emb, img_index, fold5=True)
+        print(format_report(report, "5-fold mean (each fold 1/5 of the images)"))
     return 0
 
 
@@ -287,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as error:
         if os.environ.get("RVSEPP_DEBUG") == "1":
             raise
         print(f"rvsepp: error: {error}", file=sys.stderr)

@@ -1,7 +1,6 @@
 """From a :class:`~rvsepp.precomp.PrecompSplit` to model batches.
 
-* :class:`Vocabulary`: words <-> ids for the BiGRU, built from training captions or read
-  from a SCAN / VSE-infinity vocabulary JSON.
+* :class:`Vocabulary` and the tokenizers live in :mod:`rvsepp.text` (re-exported here).
 * The recipe's training augmentations, each drawing from an explicit
   ``numpy.random.Generator``: :func:`drop_regions` and :func:`augment_tokens`.
 * Text sides, one per split, which turn caption ``i`` into model input and collate it:
@@ -16,12 +15,9 @@ index))``, so an epoch's augmentations are the same whatever the number of loade
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import tempfile
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,147 +28,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-PAD, START, END, UNK, MASK = "<pad>", "<start>", "<end>", "<unk>", "<mask>"
-SPECIAL_TOKENS = (PAD, START, END, UNK, MASK)
-
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-class EmptyCaptionError(ValueError):
-    """A caption with no tokens; the message names the caption and where it came from."""
-
-
-class VocabularyError(ValueError):
-    """A malformed vocabulary file; the message names the file and the problem."""
-
-
-def tokenize(caption: str) -> list[str]:
-    """Lower-cased words and single punctuation marks: "A dog's toy." -> a dog ' s toy ."""
-    return _TOKEN.findall(caption.lower())
-
-
-def _describe(index: int, source: str | None) -> str:
-    return f"caption {index} (line {index + 1} of {source})" if source else f"caption {index}"
-
-
-def tokenize_all(captions: Sequence[str], source: str | None = None) -> list[list[str]]:
-    """Tokenise every caption; an empty one raises :class:`EmptyCaptionError` naming it."""
-    tokenized = []
-    for index, caption in enumerate(captions):
-        tokens = tokenize(caption)
-        if not tokens:
-            raise EmptyCaptionError(f"{_describe(index, source)} is empty: {caption!r}")
-        tokenized.append(tokens)
-    return tokenized
-
-
-class Vocabulary:
-    """Word <-> id mapping; unknown words map to ``<unk>``.
-
-    Built vocabularies put the five special tokens first (ids 0-4), then words by
-    decreasing count (ties alphabetically). SCAN vocabularies keep their own ids
-    (``<pad>`` 0, ``<start>`` 1, ``<end>`` 2, ``<unk>`` 3); one without ``<mask>`` gets it
-    appended as the last id, as the VSE-infinity code does after loading.
-    """
-
-    def __init__(self, words: Sequence[str]) -> None:
-        words = list(words)
-        if len(set(words)) != len(words):
-            duplicates = sorted(w for w, n in Counter(words).items() if n > 1)
-            raise ValueError(f"vocabulary words must be unique; repeated: {duplicates[:5]}")
-        missing = [t for t in SPECIAL_TOKENS if t not in words]
-        if missing:
-            raise ValueError(f"vocabulary lacks the special token(s) {missing}")
-        self.idx2word = words
-        self.word2idx = {word: index for index, word in enumerate(words)}
-        self.pad_id = self.word2idx[PAD]
-        self.start_id = self.word2idx[START]
-        self.end_id = self.word2idx[END]
-        self.unk_id = self.word2idx[UNK]
-        self.mask_id = self.word2idx[MASK]
-        special = {self.word2idx[t] for t in SPECIAL_TOKENS}
-        # Random replacements in augment_tokens draw from the ordinary words only.
-        self.word_ids = np.array([i for i in range(len(words)) if i not in special], np.int64)
-
-    def __len__(self) -> int:
-        return len(self.idx2word)
-
-    def __call__(self, word: str) -> int:
-        return self.word2idx.get(word, self.unk_id)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.idx2word == other.idx2word
-
-    def encode(self, tokens: Sequence[str]) -> np.ndarray:
-        """int64 ids of ``<start> tokens <end>``."""
-        ids = [self.start_id, *(self(t) for t in tokens), self.end_id]
-        return np.asarray(ids, dtype=np.int64)
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.idx2word[int(i)] for i in ids]
-
-    @classmethod
-    def build(
-        cls, captions: Sequence[str], min_count: int = 1, source: str | None = None
-    ) -> Vocabulary:
-        """The special tokens plus every word seen at least ``min_count`` times."""
-        counts = Counter(t for tokens in tokenize_all(captions, source) for t in tokens)
-        words = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIAL_TOKENS),
-                       key=lambda w: (-counts[w], w))  # fmt: skip
-        return cls([*SPECIAL_TOKENS, *words])
-
-    def to_dict(self) -> dict[str, Any]:
-        """The SCAN / VSE-infinity JSON layout (``word2idx``, ``idx2word``, ``idx``)."""
-        return {
-            "word2idx": dict(self.word2idx),
-            "idx2word": {str(i): w for i, w in enumerate(self.idx2word)},
-            "idx": len(self.idx2word),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "vocabulary") -> Vocabulary:
-        if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
-            raise VocabularyError(f"{source}: expected a JSON object with a 'word2idx' object")
-        word2idx = data["word2idx"]
-        ids = list(word2idx.values())
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise VocabularyError(f"{source}: every id in 'word2idx' must be an integer")
-        if sorted(ids) != list(range(len(ids))):
-            raise VocabularyError(
-                f"{source}: the ids in 'word2idx' must be 0..{len(ids) - 1}, each once"
-            )
-        words = [""] * len(ids)
-        for word, index in word2idx.items():
-            words[index] = word
-        idx2word = data.get("idx2word")
-        if isinstance(idx2word, dict):
-            for key, word in idx2word.items():
-                if not str(key).isdigit() or int(key) >= len(words) or words[int(key)] != word:
-                    raise VocabularyError(
-                        f"{source}: 'idx2word' entry {key!r}: {word!r} disagrees with 'word2idx'"
-                    )
-        missing = [t for t in SPECIAL_TOKENS[:4] if t not in word2idx]
-        if missing:
-            raise VocabularyError(f"{source}: lacks the special token(s) {missing}")
-        if MASK not in word2idx:
-            words.append(MASK)
-        return cls(words)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Vocabulary:
-        """Read a SCAN vocabulary JSON (or one written by :meth:`save`)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise VocabularyError(f"{path}: vocabulary file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise VocabularyError(f"{path}: not valid JSON ({error})") from None
-        return cls.from_dict(data, source=str(path))
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_bytes(Path(path), json.dumps(self.to_dict()).encode("utf-8"))
-
+from .atomic import atomic_write_bytes
+from .config import TOKEN_AUGMENT_RULES
+from .text import (  # noqa: F401 (re-exported: the text pipeline's public names)
+    MASK,
+    PAD,
+    SPECIAL_TOKENS,
+    UNK,
+    EmptyCaptionError,
+    Vocabulary,
+    VocabularyError,
+    tokenize,
+    tokenize_all,
+)
 
 # --------------------------------------------------------------------------- augmentation
 
@@ -195,14 +63,23 @@ def drop_regions(regions: np.ndarray, rng: np.random.Generator, p: float = 0.2) 
 @dataclass(frozen=True)
 class TokenAugmentation:
     """Each token is selected with ``select``; a selected token is masked (``mask``),
-    replaced by a random word (``replace``) or deleted (``delete``); the three sum to 1."""
+    replaced by a random token (``replace``) or deleted (``delete``); the three sum to 1.
+
+    ``rule`` says which positions and replacements: "words" leaves the boundary tokens
+    (``<start>``/``<end>``, [CLS]/[SEP]) alone and replaces with ordinary words only;
+    "released" is the released BiGRU code's ``process_caption``: every position, the
+    boundary tokens included, and replacements drawn from every id of the vocabulary.
+    """
 
     select: float = 0.2
     mask: float = 0.5
     replace: float = 0.1
     delete: float = 0.4
+    rule: str = "words"
 
     def __post_init__(self) -> None:
+        if self.rule not in TOKEN_AUGMENT_RULES:
+            raise ValueError(f"token augmentation rule must be one of {TOKEN_AUGMENT_RULES}")
         for name in ("select", "mask", "replace", "delete"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -226,8 +103,11 @@ def augment_tokens(
     """The recipe's token augmentation of one caption's ids (returns a new int64 array).
 
     With ``keep_ends`` the first and last ids (``<start>``/``<end>`` or [CLS]/[SEP]) are
-    never touched, so a caption always keeps its boundary markers (the authors' code may
-    also mask those). Random replacements are drawn uniformly from ``replacement_ids``.
+    never touched, so a caption always keeps its boundary markers (the authors' BiGRU code
+    also augments those: ``keep_ends=False``). Random replacements are drawn uniformly from
+    ``replacement_ids``. A caption whose every token was deleted (possible only without
+    ``keep_ends``; the authors' code would then fail on a zero-length caption) is returned
+    unaugmented.
     """
     ids = np.asarray(ids, dtype=np.int64)
     first, stop = (1, len(ids) - 1) if keep_ends else (0, len(ids))
@@ -245,7 +125,8 @@ def augment_tokens(
         if len(replacement_ids) == 0:
             raise ValueError("augment_tokens has no replacement ids to draw from")
         middle[replaced] = replacement_ids[rng.integers(len(replacement_ids), size=replaced.sum())]
-    return np.concatenate([ids[:first], middle[~deleted], ids[stop:]])
+    augmented = np.concatenate([ids[:first], middle[~deleted], ids[stop:]])
+    return augmented if len(augmented) else ids.copy()
 
 
 # --------------------------------------------------------------------------- text sides
@@ -275,14 +156,16 @@ def _pad_ids(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tens
 class _TokenIdText:
     """A text side of token-id sequences, augmented per item when an RNG is given.
 
-    Subclasses set ``ids`` (one int64 array per caption), ``augmentation``, ``mask_id``
-    and ``replacement_ids`` (the ordinary tokens a replacement may draw from).
+    Subclasses set ``ids`` (one int64 array per caption), ``augmentation``, ``mask_id``,
+    ``replacement_ids`` (the tokens a replacement may draw from) and ``augment_ends``
+    (whether the first and last token may be augmented too).
     """
 
     ids: list[np.ndarray]
     augmentation: TokenAugmentation | None
     mask_id: int
     replacement_ids: np.ndarray
+    augment_ends: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -297,11 +180,16 @@ class _TokenIdText:
             mask_id=self.mask_id,
             replacement_ids=self.replacement_ids,
             augmentation=self.augmentation,
+            keep_ends=not self.augment_ends,
         )
 
 
 class BiGRUText(_TokenIdText):
-    """Word ids ``<start> words <end>`` for the BiGRU; batches hold ``tokens`` + ``lengths``."""
+    """Word ids ``<start> words <end>`` for the BiGRU; batches hold ``tokens`` + ``lengths``.
+
+    ``tokenizer`` names the caption tokenizer of :mod:`rvsepp.text` ("nltk", as the released
+    code, or "regex").
+    """
 
     def __init__(
         self,
@@ -309,12 +197,19 @@ class BiGRUText(_TokenIdText):
         captions: Sequence[str],
         augmentation: TokenAugmentation | None = RECIPE_AUGMENTATION,
         source: str | None = None,
+        tokenizer: str = "regex",
     ) -> None:
         self.vocab = vocab
         self.augmentation = augmentation
-        self.ids = [vocab.encode(tokens) for tokens in tokenize_all(captions, source)]
+        self.tokenizer = tokenizer
+        tokenized = tokenize_all(captions, source, tokenizer)
+        self.ids = [vocab.encode(tokens) for tokens in tokenized]
         self.mask_id = vocab.mask_id
-        self.replacement_ids = vocab.word_ids
+        released = augmentation is not None and augmentation.rule == "released"
+        # The released code augments <start>/<end> too and replaces with
+        # random.randrange(len(vocab)): any id.
+        self.augment_ends = released
+        self.replacement_ids = np.arange(len(vocab), dtype=np.int64) if released else vocab.word_ids
 
     def collate(self, items: Sequence[np.ndarray]) -> dict[str, Tensor]:
         tokens, lengths = _pad_ids(items, self.vocab.pad_id)
@@ -408,22 +303,6 @@ class CachedStatesText:
 
 
 # --------------------------------------------------------------------------- MiniLM cache
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file in its folder and a rename: readers see the
-    old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @lru_cache(maxsize=1)
@@ -555,16 +434,18 @@ def make_text_side(
     transformer: torch.nn.Module | None = None,
     device: torch.device | str = "cpu",
     source: str | None = None,
+    word_tokenizer: str = "regex",
 ) -> TextSide:
     """The text side of a split for text encoder ``kind`` ("bigru" or "minilm").
 
-    Frozen MiniLM states are read from / written to ``cache_path`` when given, otherwise
-    computed in memory.
+    ``word_tokenizer`` ("nltk" or "regex") splits captions into words for the BiGRU;
+    ``tokenizer`` is MiniLM's WordPiece tokenizer (loaded when needed). Frozen MiniLM states
+    are read from / written to ``cache_path`` when given, otherwise computed in memory.
     """
     if kind == "bigru":
         if vocab is None:
             raise ValueError("the BiGRU text side needs a Vocabulary")
-        return BiGRUText(vocab, captions, augmentation, source)
+        return BiGRUText(vocab, captions, augmentation, source, word_tokenizer)
     if kind != "minilm":
         raise ValueError(f"unknown text encoder {kind!r}; expected 'bigru' or 'minilm'")
     if tokenizer is None and (finetune or cache_path is None):
@@ -672,6 +553,36 @@ def batch_to(batch: Any, device: torch.device | str, non_blocking: bool = False)
     if isinstance(batch, dict):
         return {key: batch_to(value, device, non_blocking) for key, value in batch.items()}
     return batch
+
+
+def build_vocabulary(
+    config: Any, train_split: Any, saved: Mapping[str, Any] | None = None
+) -> Vocabulary | None:
+    """The BiGRU vocabulary of a run (None for MiniLM): ``saved`` (a checkpoint's), else
+    ``config.vocab_path`` (a SCAN JSON, ids kept), else built by ``config.vocab_build``:
+    "train" from the training captions, "scan" by SCAN's rule from the training captions
+    and those of the ``dev`` split in the same folder."""
+    if config.text_encoder != "bigru":
+        return None
+    if saved is not None:
+        return Vocabulary.from_dict(saved, source="checkpoint")
+    if config.vocab_path:
+        return Vocabulary.load(config.vocab_path)
+    train = (train_split.captions, text_source(train_split))
+    if config.vocab_build == "train":
+        return Vocabulary.build(train[0], source=train[1], tokenizer=config.tokenizer)
+    from .precomp import read_text_lines, split_files
+
+    if getattr(train_split, "data_dir", None) is None:
+        raise ValueError("vocab_build 'scan' reads the dev captions beside the training split")
+    dev_path = split_files(train_split.data_dir, "dev").captions
+    if not dev_path.is_file():
+        raise FileNotFoundError(
+            f"vocab_build 'scan' counts the train and dev captions, but {dev_path} does not "
+            "exist; pass SCAN's vocabulary file (vocab_path) or use vocab_build 'train'"
+        )
+    dev = (read_text_lines(dev_path, what="caption"), str(dev_path))
+    return Vocabulary.build_scan([train, dev], tokenizer=config.tokenizer)
 
 
 def text_source(split: Any) -> str | None:

@@ -123,30 +123,52 @@ class GPO(nn.Module):
 class ImageEncoder(nn.Module):
     """Region features (N, K, F) -> L2-normalised image embeddings (N, E).
 
-    h = Linear(F -> E)(x) (Xavier-uniform weight, zero bias); h = h + MLP(h) with
-    MLP = Linear(E -> E/2), BatchNorm1d(E/2), ReLU, Linear(E/2 -> E) applied per region;
-    then GPO over the regions and the L2 normalisation.
+    h = Linear(F -> E)(x) (Xavier-uniform weight, zero bias); then, per region, either
+    ``mlp="residual"`` (RVSE++): h = h + MLP(h) with MLP = Linear(E -> E/2),
+    BatchNorm1d(E/2), ReLU, Linear(E/2 -> E); or ``mlp="parallel"`` (VSE-infinity): h = h +
+    MLP(x), the same MLP on the raw features (its first layer F -> E/2). Then GPO over the
+    regions and the L2 normalisation.
 
-    BatchNorm in training mode: the statistics are computed over the valid regions only.
-    (The authors' code runs the MLP on the zero-padded tensor, so padded regions enter the
-    batch statistics there; we leave them out so that a batch's result does not depend on
-    how far it was padded.) Padded regions are never fed to any layer.
+    BatchNorm batch statistics in training mode (``bn_stats``):
+
+    * ``"valid"``: over the valid regions only; padded regions are never fed to any layer,
+      so a batch's result does not depend on how far it was padded.
+    * ``"padded"``: the released code's behaviour. The layers run on the whole zero-padded
+      (N, K', F) tensor as given (K' = its width), so each padded region enters the
+      statistics as fc(0) = the bias (residual) or as a zero input (parallel); GPO then
+      ignores the padded positions.
+
+    In eval mode BatchNorm uses its running statistics per region, and both give the same
+    embeddings.
     """
 
     def __init__(
-        self, feature_dim: int, embed_dim: int = 1024, gpo_pe_dim: int = 32, gpo_hidden: int = 32
+        self,
+        feature_dim: int,
+        embed_dim: int = 1024,
+        gpo_pe_dim: int = 32,
+        gpo_hidden: int = 32,
+        *,
+        bn_stats: str = "valid",
+        mlp: str = "residual",
     ) -> None:
         super().__init__()
         if feature_dim < 1 or embed_dim < 2:
             raise ValueError(
                 f"need feature_dim >= 1 and embed_dim >= 2, got {feature_dim} and {embed_dim}"
             )
+        if bn_stats not in ("valid", "padded"):
+            raise ValueError(f"bn_stats must be 'valid' or 'padded', got {bn_stats!r}")
+        if mlp not in ("residual", "parallel"):
+            raise ValueError(f"mlp must be 'residual' or 'parallel', got {mlp!r}")
         self.feature_dim = feature_dim
         self.embed_dim = embed_dim
+        self.bn_stats = bn_stats
+        self.mlp_kind = mlp
         self.fc = nn.Linear(feature_dim, embed_dim)
         hidden = embed_dim // 2
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, hidden),
+            nn.Linear(embed_dim if mlp == "residual" else feature_dim, hidden),
             nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, embed_dim),
@@ -154,6 +176,11 @@ class ImageEncoder(nn.Module):
         self.gpo = GPO(gpo_pe_dim, gpo_hidden)
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
+
+    def _project(self, x: Tensor) -> Tensor:
+        """Rows of region features (R, F) -> (R, E): the projection plus the MLP."""
+        h = self.fc(x)
+        return h + self.mlp(h if self.mlp_kind == "residual" else x)
 
     def forward(self, regions: Tensor, lengths: Tensor | list[int]) -> Tensor:
         if regions.dim() != 3 or regions.shape[2] != self.feature_dim:
@@ -163,11 +190,15 @@ class ImageEncoder(nn.Module):
         lengths = check_lengths(lengths, regions.shape[0], regions.shape[1], "region")
         if regions.shape[0] == 0:
             return regions.new_zeros(0, self.embed_dim)
+        if self.bn_stats == "padded":
+            batch, width = regions.shape[:2]
+            projected = self._project(regions.reshape(batch * width, self.feature_dim))
+            projected = projected.view(batch, width, self.embed_dim)
+            return l2_normalize(self.gpo(projected, lengths))
         max_length = int(lengths.max())
         regions = regions[:, :max_length]
         mask = valid_mask(lengths, max_length, regions.device)
-        valid = self.fc(regions[mask])  # (regions in the batch, E): padding never enters
-        valid = valid + self.mlp(valid)
+        valid = self._project(regions[mask])  # (regions in the batch, E): padding never enters
         projected = valid.new_zeros(regions.shape[0], max_length, self.embed_dim)
         projected = projected.masked_scatter(mask.unsqueeze(-1), valid)
         return l2_normalize(self.gpo(projected, lengths))
@@ -324,9 +355,10 @@ class MiniLMTextEncoder(nn.Module):
 class RVSEPP(nn.Module):
     """The image and text encoders; ``forward`` returns both embeddings of a batch.
 
-    ``vocab`` (a :class:`rvsepp.data.Vocabulary`, BiGRU only) is kept as a plain attribute
-    so :func:`rvsepp.evaluate.encode_split` can tokenise captions; it is not in the
-    state dict (store it beside the weights in a checkpoint).
+    ``vocab`` (a :class:`rvsepp.data.Vocabulary`, BiGRU only) and ``word_tokenizer`` (the
+    name of its caption tokenizer, :mod:`rvsepp.text`) are kept as plain attributes so
+    :func:`rvsepp.evaluate.encode_split` can tokenise captions; they are not in the state
+    dict (store them beside the weights in a checkpoint).
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module) -> None:
@@ -334,6 +366,7 @@ class RVSEPP(nn.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.vocab: Any = None
+        self.word_tokenizer = "regex"
 
     def encode_images(self, regions: Tensor, lengths: Tensor | list[int]) -> Tensor:
         return self.image_encoder(regions, lengths)
@@ -393,7 +426,11 @@ def build_model(
     embed_dim = _option(config, "embed_dim", 1024)
     pe_dim = _option(config, "gpo_pe_dim", 32)
     hidden = _option(config, "gpo_hidden", 32)
-    image_encoder = ImageEncoder(feature_dim, embed_dim, pe_dim, hidden)
+    image_encoder = ImageEncoder(
+        feature_dim, embed_dim, pe_dim, hidden,
+        bn_stats=_option(config, "image_bn_stats", "valid"),
+        mlp=_option(config, "image_mlp", "residual"),
+    )  # fmt: skip
     kind = _option(config, "text_encoder", "bigru")
     if kind == "bigru":
         if vocab_size is None and vocab is not None:
@@ -409,4 +446,5 @@ def build_model(
         raise ValueError(f"unknown text encoder {kind!r}; expected 'bigru' or 'minilm'")
     model = RVSEPP(image_encoder, text_encoder)
     model.vocab = vocab
+    model.word_tokenizer = _option(config, "tokenizer", "regex")
     return model.to(device)

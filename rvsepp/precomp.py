@@ -13,8 +13,10 @@ Two layouts share one loader:
   extractor never writes one; SCAN folders always have k.)
 
 Image features are memory-mapped (``np.load(mmap_mode="r")``: MS-COCO's train split is
-~33 GB), captions are read whole. Every problem raises :class:`PrecompError` naming the
-file and what is wrong with it.
+~33 GB), captions are read whole. Every feature is checked finite when a split is loaded,
+in blocks of 64 MiB (one sequential read of the file: a NaN or Inf would otherwise surface
+only as a non-finite loss, many steps later). Every problem raises :class:`PrecompError`
+naming the file and what is wrong with it (for a non-finite value: the row and image).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def load_split(
                 f"{files.image_names}: {len(image_names)} image names for {n_images} rows in "
                 f"{files.images.name}"
             )
+    check_finite(images, files.images, image_names)
     return PrecompSplit(
         images=images,
         captions=captions,
@@ -173,6 +176,41 @@ def _load_images(path: Path) -> np.ndarray:
     if min(images.shape) == 0:
         raise PrecompError(f"{path}: empty array of shape {tuple(images.shape)}")
     return images
+
+
+# Features are checked for NaN and Inf in blocks of this many bytes.
+FINITE_CHECK_BYTES = 64 << 20
+
+
+def check_finite(images: np.ndarray, path: Path, image_names: list[str] | None = None) -> None:
+    """Raise :class:`PrecompError` naming ``path`` and the first row (and its image) that
+    holds a NaN or an infinity. Reads ``images`` once, a block at a time."""
+    rows = max(1, FINITE_CHECK_BYTES // max(1, images[0].nbytes))
+    bad: list[int] = []
+    for start in range(0, images.shape[0], rows):
+        block = images[start : start + rows]
+        # Fast path: any NaN or Inf makes the sum non-finite. A non-finite sum of finite
+        # values (an overflow) is then cleared by the exact test.
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.add.reduce(block, axis=None)
+        if np.isfinite(total):
+            continue
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        bad.extend(start + int(row) for row in np.flatnonzero(~finite))
+    if not bad:
+        return
+    first = bad[0]
+    row = np.asarray(images[first])
+    position = tuple(int(i) for i in np.argwhere(~np.isfinite(row))[0])
+    name = f" (image {image_names[first]!r})" if image_names is not None else ""
+    where = ", ".join(
+        f"{axis} {index}" for axis, index in zip(("region", "feature"), position, strict=False)
+    )
+    raise PrecompError(
+        f"{path}: row {first}{name} holds {row[position]} at {where}; {len(bad)} of "
+        f"{images.shape[0]} rows hold NaN or Inf. Features must be finite: extract them again "
+        "or repair the file"
+    )
 
 
 def _load_img_index(path: Path, n_captions: int, n_images: int, captions: Path) -> np.ndarray:

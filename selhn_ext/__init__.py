@@ -4,24 +4,26 @@
 >>> img = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
 >>> txt = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
 >>> loss = selhn_ext.selhn_loss(img, txt)
+
+From the kernels up (README.md, "Layout", names every file):
+
+    kernels     csrc/*.cpp, *.cu (C++/CUDA); _triton/*_kernels.py, tile.py (Triton)
+    launchers   _triton/forward.py, backward.py; the C++ op entry points in csrc/
+    backends    kernel_interface.py (the contract), chunked.py, _cpp.py, _triton/
+    registry    dispatch.py: which backend runs, and every reason one cannot
+    op          pipeline.py (the forward and backward sequence), ops.py (custom ops)
+    function    options.py (checks and decisions), functional.py, distributed.py
+    module      loss.py
 """
 
-from . import ops as _ops  # noqa: F401  (registers the custom ops)
-from .dispatch import BACKENDS, BackendUnavailableError
-from .functional import SelHNStats, backend_status, selhn_loss
+from . import ops  # noqa: F401  (registers the custom ops)
+from ._cpp import build_extension
+from .dispatch import BackendUnavailableError
+from .functional import backend_status, selhn_loss
 from .loss import SelHNLoss
+from .options import BACKENDS, SelHNStats
 
 __version__ = "0.1.0"
-
-
-def build_extension(verbose: bool = False):
-    """JIT-build the C++ CPU kernels when ``pip install`` could not (needs a compiler).
-
-    The backends that need them become available in the next Python process.
-    """
-    from ._cpp import build_extension as _build
-
-    return _build(verbose=verbose)
 
 
 __all__ = [

@@ -1,58 +1,55 @@
-"""The compiled kernels (``selhn_ext._C``): loading, fake kernels, and the backend objects.
+"""The compiled kernels (csrc/): loading, fake kernels, and the backend object.
 
-``import selhn_ext._C`` loads the library, which registers ``torch.ops.selhn.partials`` and
-``torch.ops.selhn.dense_backward``, each with a CPU and (in CUDA builds) a CUDA kernel. When the
-install could not build it (for example an isolated build environment without torch),
-``build_extension()`` JIT-builds the CPU part into a per-user cache; later processes load
-it from there.
+Loading the library registers ``torch.ops.selhn.partials`` and
+``torch.ops.selhn.dense_backward``, each with a CPU and (in CUDA builds) a CUDA kernel.
+The library is, in order of preference: ``selhn_ext._C`` built at install; a first-use
+build of the cache (``build.py``) for this torch; or, when neither exists, a build made
+on the first call of a compiled backend.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .kernel_interface import DirectionStats, compute_dtype
+from . import build
+from .kernel_interface import Block, DirectionStats, GatedAnchors, PyTorchGlue, compute_dtype
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_JIT_NAME = "selhn_ext_cpu"
 _HOW_TO_FIX = (
     "run `pip install --no-build-isolation .` in the source tree (with torch installed) "
     "or call `selhn_ext.build_extension()`"
 )
 
 
-def _jit_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "selhn_ext" / f"torch-{torch.__version__}"
+def _find_library() -> tuple[Path | None, str | None]:
+    """(a library to load, None) or (None, why there is none yet)."""
+    spec = importlib.util.find_spec(__package__ + "._C")
+    if spec is not None and spec.origin:
+        return Path(spec.origin), None
+    for cuda in (True, False):
+        cached = build.cached_library(cuda)
+        if cached is not None:
+            return cached, None
+    return None, "the compiled kernels are not built yet"
 
 
-def _load_library() -> tuple[Path | None, str | None]:
-    """Load the compiled ops once: (the library's path, None) or (None, why not)."""
-    if importlib.util.find_spec(__package__ + "._C") is None:
-        installed_error = "selhn_ext._C is not part of this install"
-    else:
-        try:
-            from . import _C
-
-            return Path(_C.__file__), None
-        except ImportError as error:
-            installed_error = f"selhn_ext._C could not be imported ({error})"
-    built = _jit_dir() / f"{_JIT_NAME}.so"
-    if built.exists():
-        try:
-            torch.ops.load_library(str(built))
-            return built, None
-        except OSError as error:
-            return None, f"{installed_error}; the JIT build {built} failed to load ({error})"
-    return None, installed_error
+def _load(path: Path) -> str | None:
+    """Load the library at ``path``; None, or why it failed."""
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:
+        return f"{path} failed to load ({error})"
+    return None
 
 
-_LIBRARY_PATH, _LIBRARY_ERROR = _load_library()
+_LIBRARY_PATH, _LIBRARY_ERROR = _find_library()
+if _LIBRARY_PATH is not None:
+    _LIBRARY_ERROR = _load(_LIBRARY_PATH)
+    if _LIBRARY_ERROR is not None:
+        _LIBRARY_PATH = None
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -63,9 +60,17 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 def load_error(device_type: str) -> str | None:
-    """None if the compiled ops for this device type are registered, else why and how to fix."""
-    if _LIBRARY_ERROR is not None:
-        return f"the compiled kernels are not built: {_LIBRARY_ERROR}; {_HOW_TO_FIX}"
+    """None if the compiled ops for this device type are (or will be, on first use)
+    available, else why not and how to fix it."""
+    if _LIBRARY_PATH is None:
+        if device_type != "cpu":
+            return f"the compiled kernels are not built: {_LIBRARY_ERROR}; {_HOW_TO_FIX}"
+        problem = build.compiler_problem() or (
+            None if build.cpu_sources() else "the C++ sources are not part of this install"
+        )
+        if problem is None:
+            return None  # built on first use
+        return f"the compiled kernels are not built ({_LIBRARY_ERROR}) and cannot be: {problem}"
     if device_type == "cpu":
         if _has_kernel("partials", "CPU"):
             return None
@@ -75,7 +80,8 @@ def load_error(device_type: str) -> str | None:
             return (
                 "the CUDA kernels were not built: install with a CUDA build of torch and "
                 "CUDA_HOME set to a CUDA toolkit (SELHN_CUDA=1 makes a failure loud): "
-                "`SELHN_CUDA=1 pip install --no-build-isolation .`"
+                "`SELHN_CUDA=1 pip install --no-build-isolation .`, or call "
+                "`selhn_ext.build_extension(cuda=True)`"
             )
         if not torch.cuda.is_available():
             return "the CUDA kernels are built but no CUDA device is available"
@@ -106,89 +112,75 @@ def _fake_dense_backward(rows, cols, col_pos, row_offset, row_ids, col_ids, marg
     return rows.new_empty(rows.shape, dtype=cdt), cols.new_empty(cols.shape, dtype=cdt)
 
 
-if _LIBRARY_ERROR is None:
+def _register_fakes() -> None:
     torch.library.register_fake("selhn::partials", _fake_partials)
     torch.library.register_fake("selhn::dense_backward", _fake_dense_backward)
 
 
-# ---------------------------------------------------------------- backend objects
+if _LIBRARY_PATH is not None:
+    _register_fakes()
 
 
-class CompiledKernels:
-    """The kernel interface (kernel_interface.py) on the ``selhn::*`` ops; the dispatcher
-    runs the CPU or the CUDA kernel by the inputs' device."""
+def build_extension(cuda: bool = False, verbose: bool = False) -> Path:
+    """Compile the C++ kernels (with ``cuda=True`` the CUDA kernels too) once into a
+    per-user cache and load them, when the install did not build them (pip's default
+    isolated build has no torch to build against); the compiled backends otherwise do
+    this on their first use. Needs a C++ compiler and ninja. Returns the library's path;
+    when a library is already loaded, returns it without building.
+    """
+    global _LIBRARY_PATH, _LIBRARY_ERROR
+    if _LIBRARY_PATH is not None:
+        # The ops are already registered in this process; a second copy of the library
+        # would register them twice.
+        if cuda and not _has_kernel("partials", "CUDA"):
+            raise RuntimeError(
+                f"a library without the CUDA kernels is already loaded ({_LIBRARY_PATH}): "
+                "build the CUDA kernels in a process that has not loaded it (remove it, or "
+                "run bench/jit_build.py --cuda from another folder)"
+            )
+        return _LIBRARY_PATH
+    _LIBRARY_PATH = build.build_extension(cuda=cuda, verbose=verbose)
+    _LIBRARY_ERROR = None
+    _register_fakes()
+    return _LIBRARY_PATH
+
+
+# ---------------------------------------------------------------- the backend object
+
+
+class CompiledBackend(PyTorchGlue):
+    """The kernel interface on the ``selhn::*`` ops (backends ``cpu`` and ``cuda``); the
+    dispatcher runs the CPU or the CUDA kernel by the inputs' device."""
 
     def partials(
-        self,
-        rows: Tensor,
-        cols: Tensor,
-        col_pos: Tensor,
-        row_offset: int,
-        row_ids: Tensor | None,
-        col_ids: Tensor | None,
-        margin: float,
-        *,
-        deterministic: bool = False,
-        allow_tf32: bool = False,
+        self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
     ) -> tuple[DirectionStats, DirectionStats]:
         out = torch.ops.selhn.partials(
-            rows, cols, col_pos, int(row_offset), row_ids, col_ids, float(margin),
-            bool(deterministic), bool(allow_tf32),
+            block.rows, block.cols, block.col_pos, int(block.row_offset), block.row_ids,
+            block.col_ids, float(margin), bool(deterministic), bool(allow_tf32),
         )  # fmt: skip
         return DirectionStats(*out[:4]), DirectionStats(*out[4:])
 
     def dense_backward(
         self,
-        rows: Tensor,
-        cols: Tensor,
-        col_pos: Tensor,
-        row_offset: int,
-        row_ids: Tensor | None,
-        col_ids: Tensor | None,
+        block: Block,
         margin: float,
-        row_coef: Tensor,
-        col_coef: Tensor,
-        row_gated: Tensor,
-        col_gated: Tensor,
+        gated: GatedAnchors,
         *,
         deterministic: bool = False,
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]:
         return torch.ops.selhn.dense_backward(
-            rows, cols, col_pos, int(row_offset), row_ids, col_ids, float(margin),
-            row_coef, col_coef, row_gated, col_gated, bool(deterministic), bool(allow_tf32),
+            block.rows, block.cols, block.col_pos, int(block.row_offset), block.row_ids,
+            block.col_ids, float(margin), gated.row_coef, gated.col_coef, gated.row_gated,
+            gated.col_gated, bool(deterministic), bool(allow_tf32),
         )  # fmt: skip
 
 
-COMPILED_KERNELS = CompiledKernels()
+COMPILED_BACKEND = CompiledBackend()
 
 
-def build_extension(verbose: bool = False) -> Path:
-    """JIT-build the C++ CPU kernels into a per-user cache and return the library's path.
-
-    For installs whose build ran without torch (an isolated build environment). Needs a
-    C++ compiler and ninja. Loads the ops into this process when no library was loaded;
-    the backend dispatch sees them in the next Python process.
-    """
-    from torch.utils import cpp_extension
-
-    build_dir = _jit_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(_CSRC / "selhn_ops.cpp"), str(_CSRC / "selhn_cpu.cpp")]
-    missing = [s for s in sources if not Path(s).exists()]
-    if missing:
-        raise RuntimeError(
-            f"the C++ sources are not part of this install ({missing}); "
-            "install from a source checkout with `pip install --no-build-isolation .`"
-        )
-    if _LIBRARY_PATH is not None:
-        # The ops are already registered in this process (by _C or an earlier JIT build);
-        # a second copy of the library would register them twice.
-        return _LIBRARY_PATH
-    cpp_extension.load(
-        _JIT_NAME, sources, extra_cflags=["-O3", "-fopenmp", "-g0", "-ffp-contract=off"],
-        extra_ldflags=["-lgomp"], extra_include_paths=[str(_CSRC)],
-        build_directory=str(build_dir), verbose=verbose, is_python_module=False,
-        with_cuda=False,
-    )  # fmt: skip
-    return build_dir / f"{_JIT_NAME}.so"
+def compiled_backend() -> CompiledBackend:
+    """The backend object, building the library first if this is its first use."""
+    build_extension()
+    return COMPILED_BACKEND

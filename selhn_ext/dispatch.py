@@ -1,27 +1,33 @@
-"""The one place a backend is chosen.
+"""The one place a backend is chosen: the registry of backends and every reason one of
+them cannot take given inputs.
 
-Each backend is registered below with what it supports; ``unsupported_reasons`` says
-why it cannot take given inputs. Precedence: an explicit ``backend`` argument other than
-``"auto"`` > the ``SELHN_BACKEND`` environment variable > the auto order. A backend that
-was asked for by name and cannot run raises with every reason; nothing falls back
-silently.
+Each backend is registered below with its devices, dtypes, size limits and named
+variants, and ``unsupported_reasons`` lists everything that rules it out for inputs of a
+device type, dtype and size, in the style of xformers' ``not_supported_reasons``:
+checkable from shapes alone, without allocating anything. Precedence: an explicit
+``backend`` argument other than ``"auto"`` > the ``SELHN_BACKEND`` environment variable >
+the auto order. A backend asked for by name that cannot run raises with every reason;
+nothing falls back silently.
 
-Everything read from the environment is read once, at import, so that the choice
-depends only on devices, dtypes, options and flags ``torch.compile`` guards on.
+Everything read from the environment is read here, once, at import, so that the choice
+depends only on devices, dtypes, shapes and options (what ``torch.compile`` guards on):
+``SELHN_BACKEND``, ``TRITON_INTERPRET`` and each backend's variant variable.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "reference", "chunked", "cpu", "triton", "cuda")
+from ._cpp import compiled_backend, load_error
+from .chunked import ChunkedBackend
+from .kernel_interface import Backend
+from .options import BACKENDS
 
 # ``auto`` chooses the CUDA kernels only once a GPU run of bench/gpu_check.sh has passed
 # their tests; flipped in the commit that records those results under bench/results/.
@@ -32,7 +38,7 @@ AUTO_ORDER = {
     "cpu": ("cpu", "chunked"),
 }
 
-_ENV_BACKEND = os.environ.get("SELHN_BACKEND", "").strip() or None
+ENV_BACKEND = os.environ.get("SELHN_BACKEND", "").strip() or None
 # Triton runs on CPU tensors only through its interpreter, which triton selects when
 # TRITON_INTERPRET=1 is set before kernels are defined.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -45,42 +51,62 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run these inputs."""
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    devices: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...]
-    # Why the backend's code cannot be loaded at all (not built, not installed), or None.
-    missing: Callable[[str], str | None]
-    # Returns the object implementing kernel_interface (None for the reference).
-    load: Callable[[], Any]
+# ---------------------------------------------------------------------------------------
+# Size limits of the kernels (csrc/ and _triton/ guard the same numbers)
+
+# The C++ kernels index columns with int32.
+COMPILED_MAX_COLUMNS = 2**31 - 1
+# CUDA grids: at most 65535 blocks on a grid's y axis (and the kernels use one tile of
+# 64 rows or 64 columns per block on either axis), see csrc/selhn_cuda.cu.
+CUDA_TILE, CUDA_MAX_TILES = 64, 65535
+# The Triton forward indexes rows and columns with int32 (and packs an anchor's best
+# score and its index in one int64 key, see _triton/tile.py).
+TRITON_MAX_COLUMNS = 2**31 - 1
+
+
+# A limits function takes (N, b, variant); N and b may be None (not known).
+Limits = Callable[[int | None, int | None, str | None], list[str]]
+
+
+def _size_reasons(columns: int | None, max_columns: int, why: str) -> list[str]:
+    if columns is not None and columns > max_columns:
+        return [f"takes at most N = {max_columns:,} pairs ({why}), got N = {columns:,}"]
+    return []
+
+
+def _compiled_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:
+    return _size_reasons(columns, COMPILED_MAX_COLUMNS, "the C++ kernels index with int32")
+
+
+def _cuda_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:
+    reasons = _compiled_limits(columns, rows, variant)
+    for name, size in (("N", columns), ("b", rows)):
+        if size is not None and -(-size // CUDA_TILE) > CUDA_MAX_TILES:
+            reasons.append(
+                f"takes at most {CUDA_MAX_TILES * CUDA_TILE:,} rows or columns ({CUDA_MAX_TILES} "
+                f"tiles of {CUDA_TILE} per grid axis), got {name} = {size:,}"
+            )
+    return reasons
+
+
+def _triton_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:
+    return _size_reasons(columns, TRITON_MAX_COLUMNS, "the Triton kernels index with int32")
+
+
+def _no_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:
+    return []
+
+
+# ---------------------------------------------------------------------------------------
+# Whether a backend's code is here at all
 
 
 def _always_present(device_type: str) -> str | None:
     return None
 
 
-def _load_chunked():
-    from .reference import ChunkedKernels
-
-    return ChunkedKernels()
-
-
 def _compiled_missing(device_type: str) -> str | None:
-    if importlib.util.find_spec(__package__ + "._cpp") is None:
-        return (
-            "the compiled kernels are not part of this install: with torch installed, "
-            "reinstall with `pip install --no-build-isolation .`"
-        )
-    from . import _cpp
-
-    return _cpp.load_error(device_type)
-
-
-def _load_compiled():
-    from . import _cpp
-
-    return _cpp.COMPILED_KERNELS
+    return load_error(device_type)
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -94,72 +120,169 @@ def _triton_missing(device_type: str) -> str | None:
             "triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
             "before selhn_ext and triton are imported"
         )
-    if importlib.util.find_spec(__package__ + "._triton") is None:
-        return "the Triton kernels are not part of this install"
     return None
 
 
-def _load_triton():
-    module = importlib.import_module(__package__ + "._triton")
-    return module.KERNELS
+def _load_triton(variant: str | None) -> Backend:
+    # Imported on first use: importing triton takes a second and must follow
+    # TRITON_INTERPRET, so the package does not import it before it is needed.
+    from ._triton import TritonBackend
+
+    return TritonBackend(variant)
 
 
-REGISTRY: dict[str, Backend] = {
-    backend.name: backend
-    for backend in (
-        Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, _always_present, lambda: None),
-        Backend("chunked", ("cpu", "cuda"), _ALL_FLOATS, _always_present, _load_chunked),
-        Backend("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing, _load_compiled),
-        Backend("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton),
-        Backend("cuda", ("cuda",), _FLOAT16, _compiled_missing, _load_compiled),
+@dataclass(frozen=True)
+class Registration:
+    """A backend as the registry knows it."""
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    # Why the backend's code cannot run at all on a device type (not built, not installed).
+    missing: Callable[[str], str | None]
+    # The backend object for a variant (None for the reference, which is not a backend
+    # object but the spec, run by functional.py).
+    load: Callable[[str | None], Backend | None]
+    # Reasons from the sizes of the inputs, for a variant.
+    limits: Limits = _no_limits
+    # Named implementations, the default first, chosen by the environment variable.
+    variants: tuple[str, ...] = ()
+    variant_env: str | None = None
+
+
+REGISTRY: dict[str, Registration] = {
+    entry.name: entry
+    for entry in (
+        Registration("reference", ("cpu", "cuda"), _ALL_FLOATS, _always_present, lambda v: None),
+        Registration("chunked", ("cpu", "cuda"), _ALL_FLOATS, _always_present,
+                lambda v: ChunkedBackend()),
+        Registration("cpu", ("cpu",), _ALL_FLOATS, _compiled_missing,
+                lambda v: compiled_backend(), _compiled_limits),
+        # The Triton dense backward's variants (one so far, "panels"; _triton/backward.py).
+        Registration("triton", ("cuda", "cpu"), _FLOAT16, _triton_missing, _load_triton,
+                _triton_limits, variants=("panels",), variant_env="SELHN_TRITON_BACKWARD"),
+        Registration("cuda", ("cuda",), _FLOAT16, _compiled_missing,
+                lambda v: compiled_backend(), _cuda_limits),
     )
-}
+}  # fmt: skip
+if tuple(REGISTRY) != BACKENDS[1:]:
+    raise ImportError("options.BACKENDS must list the registered backends after 'auto'")
+
+
+def _variant_from_environment(entry: Registration) -> tuple[str | None, str | None]:
+    """(the variant, None) or (None, why the environment's setting is refused)."""
+    if not entry.variants:
+        return None, None
+    value = os.environ.get(entry.variant_env, "").strip() or entry.variants[0]
+    if value not in entry.variants:
+        return None, (
+            f"{entry.variant_env}={value!r} is not a variant of {entry.name!r}; "
+            f"expected one of {', '.join(entry.variants)}"
+        )
+    return value, None
+
 
 # Read once at import, so that tracing the dispatch never imports or builds anything.
 _MISSING: dict[tuple[str, str], str | None] = {
-    (backend.name, device_type): backend.missing(device_type)
-    for backend in REGISTRY.values()
-    for device_type in backend.devices
+    (entry.name, device_type): entry.missing(device_type)
+    for entry in REGISTRY.values()
+    for device_type in entry.devices
 }
+_VARIANT_SETTINGS = {name: _variant_from_environment(b) for name, b in REGISTRY.items()}
+_VARIANT: dict[str, str | None] = {name: s[0] for name, s in _VARIANT_SETTINGS.items()}
+_VARIANT_ERROR: dict[str, str | None] = {name: s[1] for name, s in _VARIANT_SETTINGS.items()}
 
-_LOADED: dict[str, Any] = {}
+_LOADED: dict[str, Backend | None] = {}
 
 
-def kernels(name: str) -> Any:
-    """The kernel-interface object of a fused backend (loaded once)."""
+def variant(name: str) -> str | None:
+    """The variant backend ``name`` runs (None if it has no variants)."""
+    return _VARIANT[name]
+
+
+def backend(name: str) -> Backend:
+    """The object of backend ``name`` (not the reference), for its variant (loaded once)."""
     if name not in _LOADED:
-        _LOADED[name] = REGISTRY[name].load()
+        _LOADED[name] = REGISTRY[name].load(_VARIANT[name])
     return _LOADED[name]
 
 
-def unsupported_reasons(name: str, device_type: str, dtype: torch.dtype) -> list[str]:
-    """Every reason backend ``name`` cannot run inputs of this device type and dtype."""
-    backend = REGISTRY[name]
+@contextlib.contextmanager
+def use_backend(name: str, backend_object: Backend) -> Iterator[None]:
+    """Run backend ``name`` on ``backend_object`` inside the block (tests, benchmarks)."""
+    missing = object()
+    previous = _LOADED.get(name, missing)
+    _LOADED[name] = backend_object
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del _LOADED[name]
+        else:
+            _LOADED[name] = previous
+
+
+@contextlib.contextmanager
+def use_variant(name: str, chosen: str) -> Iterator[None]:
+    """Run variant ``chosen`` of backend ``name`` inside the block (tests, benchmarks)."""
+    entry = REGISTRY[name]
+    if chosen not in entry.variants:
+        raise ValueError(
+            f"{chosen!r} is not a variant of {name!r}; expected one of {entry.variants}"
+        )
+    previous = _VARIANT[name], _VARIANT_ERROR[name]
+    _VARIANT[name], _VARIANT_ERROR[name] = chosen, None
+    try:
+        with use_backend(name, entry.load(chosen)):
+            yield
+    finally:
+        _VARIANT[name], _VARIANT_ERROR[name] = previous
+
+
+def unsupported_reasons(
+    name: str,
+    device_type: str,
+    dtype: torch.dtype,
+    columns: int | None = None,
+    rows: int | None = None,
+) -> list[str]:
+    """Every reason backend ``name`` cannot run inputs of this device type and dtype with
+    N = ``columns`` pairs (``rows`` of them in this process); sizes may be omitted."""
+    entry = REGISTRY[name]
     reasons = []
-    if device_type not in backend.devices:
-        reasons.append(f"does not run on {device_type} tensors (runs on {backend.devices})")
-    if dtype not in backend.dtypes:
-        names = ", ".join(str(t).removeprefix("torch.") for t in backend.dtypes)
+    if device_type not in entry.devices:
+        reasons.append(f"does not run on {device_type} tensors (runs on {entry.devices})")
+    if dtype not in entry.dtypes:
+        names = ", ".join(str(t).removeprefix("torch.") for t in entry.dtypes)
         reasons.append(f"does not take {str(dtype).removeprefix('torch.')} (takes {names})")
-    if device_type in backend.devices:
+    if device_type in entry.devices:
         missing = _MISSING[(name, device_type)]
         if missing is not None:
             reasons.append(missing)
+    if _VARIANT_ERROR[name] is not None:
+        reasons.append(_VARIANT_ERROR[name])
+    reasons += entry.limits(columns, columns if rows is None else rows, _VARIANT[name])
     return reasons
 
 
-def choose_backend(requested: str, device_type: str, dtype: torch.dtype) -> str:
+def choose_backend(
+    requested: str,
+    device_type: str,
+    dtype: torch.dtype,
+    columns: int | None = None,
+    rows: int | None = None,
+) -> str:
     """Resolve ``requested`` (a name or ``"auto"``) to the backend that will run."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
-    if requested == "auto" and _ENV_BACKEND is not None:
-        if _ENV_BACKEND not in BACKENDS:
+    if requested == "auto" and ENV_BACKEND is not None:
+        if ENV_BACKEND not in BACKENDS:
             raise ValueError(
-                f"SELHN_BACKEND={_ENV_BACKEND!r} is not a backend; expected one of {BACKENDS}"
+                f"SELHN_BACKEND={ENV_BACKEND!r} is not a backend; expected one of {BACKENDS}"
             )
-        requested = _ENV_BACKEND
+        requested = ENV_BACKEND
     if requested != "auto":
-        reasons = unsupported_reasons(requested, device_type, dtype)
+        reasons = unsupported_reasons(requested, device_type, dtype, columns, rows)
         if reasons:
             raise BackendUnavailableError(
                 f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons)
@@ -167,17 +290,35 @@ def choose_backend(requested: str, device_type: str, dtype: torch.dtype) -> str:
         return requested
     order = AUTO_ORDER.get(device_type, ("chunked",))
     for name in order:
-        if not unsupported_reasons(name, device_type, dtype):
+        if not unsupported_reasons(name, device_type, dtype, columns, rows):
             return name
     raise BackendUnavailableError(  # unreachable while chunked takes every float dtype
         f"no backend can run {device_type} {dtype} inputs"
     )
 
 
-def status(device_type: str, dtype: torch.dtype) -> dict[str, str | None]:
+class BackendStatus(dict):
+    """For each backend: None if it can run the inputs, else its reasons (one string).
+
+    ``variants`` holds the variant each backend with variants would run.
+    """
+
+    def __init__(self, reasons: dict[str, str | None], variants: dict[str, str]) -> None:
+        super().__init__(reasons)
+        self.variants = variants
+
+    def __repr__(self) -> str:
+        chosen = ", ".join(f"{name}: {value!r}" for name, value in self.variants.items())
+        return f"{dict.__repr__(self)} (variants: {chosen})"
+
+
+def status(
+    device_type: str, dtype: torch.dtype, columns: int | None = None, rows: int | None = None
+) -> BackendStatus:
     """For each backend: None if it can run such inputs, else the reasons."""
     out: dict[str, str | None] = {}
     for name in REGISTRY:
-        reasons = unsupported_reasons(name, device_type, dtype)
+        reasons = unsupported_reasons(name, device_type, dtype, columns, rows)
         out[name] = "; ".join(reasons) if reasons else None
-    return out
+    variants = {name: v for name, v in _VARIANT.items() if REGISTRY[name].variants}
+    return BackendStatus(out, {name: v or "(refused)" for name, v in variants.items()})

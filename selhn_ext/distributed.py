@@ -13,46 +13,31 @@ rank order, so rank r owns the global rows ``[off_r, off_r + b_r)``. Every rank
 4. all-gathers the partial caption statistics (O(N) per rank) and merges them in rank
    order with ``merge_stats``, so every rank holds the same column statistics, bit for bit,
    and finalizes both directions with the shared O(N) finalize;
-5. in backward, runs ``dense_backward`` and ``sparse_and_diagonal_backward`` for its rows
-   against all columns and returns each column gradient to its owner with a padded
-   reduce-scatter (NCCL) or an all-to-all summed in rank order (gloo, or deterministic).
+5. in backward, gathers the captions again, runs ``dense_backward`` and the sparse and
+   diagonal terms for its rows against all columns, and returns each column gradient to
+   its owner with a padded reduce-scatter (NCCL) or an all-to-all summed in rank order
+   (gloo, or deterministic).
 
-No rank holds a B x B or b_r x B matrix; the extra memory per rank is O(N*D).
+Steps 2 to 5 are the single-process pipeline (pipeline.py) run through the same custom
+ops (ops.py), with this module's ``_Ranks`` as the exchange: the loss is as opaque to
+``torch.compile`` as the single-process one (the header exchange of step 1 reads the
+header on the host, once per call). No rank holds a B x B or b_r x B matrix; the extra
+memory per rank is O(N*D).
 """
 
 from __future__ import annotations
 
-import functools
 import struct
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import dispatch
-from .functional import (
-    SelHNStats,
-    _check_embeddings,
-    _check_ids,
-    allow_tf32_for,
-    autocast_inputs,
-    check_options,
-)
+from . import dispatch, options, pipeline
 from .functional import selhn_loss as single_process_selhn_loss
-from .kernel_interface import (
-    MODES,
-    REDUCTIONS,
-    AnchorWeights,
-    DirectionStats,
-    compute_dtype,
-    count_negatives,
-    finalize,
-    merge_stats,
-    positive_scores,
-    sparse_and_diagonal_backward,
-)
+from .kernel_interface import DirectionStats, merge_stats
+from .options import BACKENDS, MODES, REDUCTIONS, SelHNStats
 
 __all__ = ["CollectiveError", "DistributedInputError", "selhn_loss"]
 
@@ -74,7 +59,9 @@ class CollectiveError(RuntimeError):
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda")
-_FIELDS = ("batch", "dim", "dtype", "device", "ids", "mode", "reduction", "margin", "eps")
+_FIELDS = (
+    "batch", "dim", "dtype", "device", "ids", "mode", "reduction", "margin", "eps", "backend"
+)  # fmt: skip
 _ERROR, _MESSAGE_LENGTH = len(_FIELDS), len(_FIELDS) + 1
 _MESSAGE_BYTES = 512  # a local error's message travels truncated to this many UTF-8 bytes
 _HEADER_LENGTH = len(_FIELDS) + 2 + _MESSAGE_BYTES // 8
@@ -99,6 +86,8 @@ def _describe_field(field: str, value: int) -> str:
         return repr(MODES[value])
     if field == "reduction":
         return repr(REDUCTIONS[value])
+    if field == "backend":
+        return repr(BACKENDS[value])
     if field in ("margin", "eps"):
         return repr(_bits_float(value))
     return str(value)
@@ -113,6 +102,7 @@ _FIELD_NAMES = {
     "reduction": "reduction",
     "margin": "margin",
     "eps": "eps",
+    "backend": "the backend (the kernels built or installed on each rank differ)",
 }
 
 
@@ -255,160 +245,32 @@ class _Ranks:
             total += parts[r]
         return total[: self.local]
 
+    def merge_columns(self, partial: DirectionStats) -> DirectionStats:
+        """Merge every rank's partial caption statistics in rank order (same bits everywhere)."""
+        what = "the caption statistics all-gather"
+        floats = self.gather_stack(what, torch.stack([partial.max, partial.hinge_sum]))
+        ints = self.gather_stack(what, torch.stack([partial.arg, partial.active.to(torch.int64)]))
 
-def _merge_over_ranks(ranks: _Ranks, partial: DirectionStats) -> DirectionStats:
-    """Merge every rank's partial caption statistics in rank order (same bits everywhere)."""
-    floats = ranks.gather_stack(
-        "the caption statistics all-gather", torch.stack([partial.max, partial.hinge_sum])
-    )
-    ints = ranks.gather_stack(
-        "the caption statistics all-gather",
-        torch.stack([partial.arg, partial.active.to(torch.int64)]),
-    )
+        def of_rank(r: int) -> DirectionStats:
+            return DirectionStats(
+                floats[r, 0], ints[r, 0], floats[r, 1], ints[r, 1].to(torch.int32)
+            )
 
-    def of_rank(r: int) -> DirectionStats:
-        return DirectionStats(floats[r, 0], ints[r, 0], floats[r, 1], ints[r, 1].to(torch.int32))
+        merged = of_rank(0)
+        for r in range(1, self.world):
+            merged = merge_stats(merged, of_rank(r))
+        return merged
 
-    merged = of_rank(0)
-    for r in range(1, ranks.world):
-        merged = merge_stats(merged, of_rank(r))
-    return merged
+    def sum_scalars(self, what: str, local: Tensor) -> Tensor:
+        return self.gather_stack(what, local.reshape(1)).sum()
 
-
-# ---------------------------------------------------------------------------------------
-# Autograd
-
-
-def _without_autocast(method):
-    """The inputs already carry the autocast dtype; the compute dtype rules apply inside."""
-
-    @functools.wraps(method)
-    def run(ctx, first: Tensor, *args):
-        with torch.autocast(first.device.type, enabled=False):
-            return method(ctx, first, *args)
-
-    return run
-
-
-@dataclass(frozen=True)
-class _Options:
-    margin: float
-    eps: float
-    mode: str
-    backend: str
-    deterministic: bool
-    allow_tf32: bool
-
-
-class _GlobalBatchSelHN(torch.autograd.Function):
-    """Per-anchor losses (2, b_r) of this rank's anchors within the global batch."""
-
-    @staticmethod
-    @_without_autocast
-    def forward(ctx, img, txt, ids, ranks: _Ranks, options: _Options):
-        kernels = dispatch.kernels(options.backend)
-        total, offset, local = ranks.total, ranks.offset, ranks.local
-        mine = slice(offset, offset + local)
-        txt_all = ranks.gather_rows("the caption embedding all-gather", txt)
-        d_local = positive_scores(img, txt)
-        d_all = ranks.gather_rows("the positive score all-gather", d_local)
-        ids_all = None
-        if ids is not None:
-            ids_all = ranks.gather_rows("the ids all-gather", ids.to(torch.int64))
-        n_all = count_negatives(ids_all, total, img.device)
-
-        row_stats, col_partial = kernels.partials(
-            img,
-            txt_all,
-            d_all,
-            offset,
-            ids,
-            ids_all,
-            options.margin,
-            deterministic=options.deterministic,
-            allow_tf32=options.allow_tf32,
-        )
-        col_stats = _merge_over_ranks(ranks, col_partial)
-        args = (options.margin, options.eps, options.mode)
-        row = finalize(row_stats, d_local, n_all[mine], *args)
-        col = finalize(col_stats, d_all, n_all, *args)
-
-        ctx.save_for_backward(
-            img, txt, ids, txt_all, d_all, ids_all,
-            row.gated, row.hardest_index, row.dense_weight, row.hard_weight, row_stats.active,
-            col.gated, col.hardest_index, col.dense_weight, col.hard_weight, col_stats.active,
-        )  # fmt: skip
-        ctx.ranks, ctx.options = ranks, options
-
-        def local_pair(name: str) -> Tensor:
-            return torch.stack([getattr(row, name), getattr(col, name)[mine]])
-
-        outputs = [local_pair(name) for name in ("loss", "gated", "near_tie", "hardest_index")]
-        outputs.append(local_pair("gap"))
-        ctx.mark_non_differentiable(*outputs[1:])
-        return tuple(outputs)
-
-    @staticmethod
-    @once_differentiable
-    @_without_autocast
-    def backward(ctx, grad_loss, *unused):
-        (img, txt, ids, txt_all, d_all, ids_all,
-         row_gated, row_hardest, row_dense, row_hard, row_active,
-         col_gated, col_hardest, col_dense, col_hard, col_active) = ctx.saved_tensors  # fmt: skip
-        ranks, options = ctx.ranks, ctx.options
-        kernels = dispatch.kernels(options.backend)
-        cdt = compute_dtype(img.dtype)
-        up = grad_loss.to(cdt)
-        row_up = up[0]
-        # A caption anchor's upstream gradient lives on the rank that owns it.
-        col_up = ranks.gather_rows("the upstream gradient all-gather", up[1].contiguous())
-
-        grad_rows, grad_cols = kernels.dense_backward(
-            img,
-            txt_all,
-            d_all,
-            ranks.offset,
-            ids,
-            ids_all,
-            options.margin,
-            row_up * row_dense,
-            col_up * col_dense,
-            row_gated,
-            col_gated,
-            deterministic=options.deterministic,
-            allow_tf32=options.allow_tf32,
-        )
-        sparse_and_diagonal_backward(
-            img.to(cdt),
-            txt_all.to(cdt),
-            ranks.offset,
-            grad_rows,
-            grad_cols,
-            row_up,
-            col_up,
-            AnchorWeights(row_hardest, row_dense, row_hard, row_active),
-            AnchorWeights(col_hardest, col_dense, col_hard, col_active),
-            options.deterministic,
-        )
-        grad_txt = ranks.sum_rows("the caption gradient reduce-scatter", grad_cols)
-        return grad_rows.to(img.dtype), grad_txt.to(txt.dtype), None, None, None
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """The sum of every rank's local value (the same bits on every rank).
-
-    Backward passes each rank's upstream gradient to its own local value: with the same
-    upstream on every rank, each rank's anchors receive exactly their share of the
-    single-process gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, local: Tensor, ranks: _Ranks) -> Tensor:
-        return ranks.gather_stack("the loss all-gather", local.reshape(1)).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    def register(self) -> str:
+        """Register this exchange for the custom ops, under a key naming everything it
+        holds (one entry per group and layout, reused by later calls)."""
+        key = f"group{id(self.group)}:rank{self.rank}:{self.sizes}:{self.device}"
+        key += ":reduce-scatter" if self.reduce_scatter else ":all-to-all"
+        pipeline.register_exchange(key, self)
+        return key
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,14 +346,14 @@ def selhn_loss(
     Without an initialised process group, or with a group of one rank, this is
     :func:`selhn_ext.selhn_loss`. Each call syncs the host once, to read the header.
     """
-    options = dict(margin=margin, eps=eps, mode=mode, reduction=reduction, ids=ids)
+    loss_options = dict(margin=margin, eps=eps, mode=mode, reduction=reduction, ids=ids)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return single_process_selhn_loss(
-            img, txt, **options, backend=backend, deterministic=deterministic,
+            img, txt, **loss_options, backend=backend, deterministic=deterministic,
             return_stats=return_stats,
         )  # fmt: skip
 
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("selhn_loss: this process is not a member of the given group")
     uses_nccl = dist.get_backend(group) == "nccl"
@@ -499,68 +361,77 @@ def selhn_loss(
     values: dict[str, int] = {}
     name = ""
     try:
-        _check_embeddings(img, txt, min_batch=0)
-        _check_ids(ids, img)
-        check_options(margin, eps, mode, reduction, backend)
-        if uses_nccl and img.device.type != "cuda":
-            raise ValueError(
-                f"the group's backend is NCCL, which needs CUDA tensors, got {img.device}"
-            )
-        img, txt = autocast_inputs(img, txt)
-        name = dispatch.choose_backend(backend, img.device.type, img.dtype)
-        name = "chunked" if name == "reference" else name
-        values = dict(
-            batch=img.shape[0],
-            dim=img.shape[1],
-            dtype=_DTYPES.index(img.dtype),
-            device=_device_code(img.device),
-            ids=int(ids is not None),
-            mode=MODES.index(mode),
-            reduction=REDUCTIONS.index(reduction),
-            margin=_float_bits(margin),
-            eps=_float_bits(eps),
-        )
+        options.check_embeddings(img, txt, min_batch=0)
+        options.check_ids(ids, img)
+        options.check_options(margin, eps, mode, reduction, backend, deterministic, return_stats)
+        img, txt = options.autocast_inputs(img, txt)
+        name = _local_backend(img, uses_nccl, backend)
+        values = _header_values(img, name, **loss_options)
     except (TypeError, ValueError, dispatch.BackendUnavailableError) as exc:
         error = exc
-
-    device = _control_device(img, uses_nccl)
-    header = _encode_header(values, error, device)
-    rows = torch.empty(world * _HEADER_LENGTH, dtype=torch.int64, device=device)
-    try:
-        _all_gather_single(rows, header, group=group)
-    except RuntimeError as exc:
-        raise CollectiveError(_timeout_hint("the input header all-gather", rank, exc)) from exc
-    rows = rows.view(world, _HEADER_LENGTH).cpu()
-    message = _header_error(rows)
+    rows = _gather_headers(_encode_header(values, error, _control_device(img, uses_nccl)), group)
+    sizes = tuple(rows[:, _FIELDS.index("batch")].tolist())
+    message = _header_error(rows) or _size_error(name, img, sizes)
     if message is not None:
         raise DistributedInputError("selhn_loss: " + message) from error
 
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    ranks = _Ranks(
-        group=group,
-        rank=rank,
-        sizes=tuple(rows[:, _FIELDS.index("batch")].tolist()),
-        device=img.device,
-        reduce_scatter=uses_nccl and not deterministic,
+    deterministic = options.resolve_deterministic(deterministic)
+    exchange = _Ranks(group, rank, sizes, img.device, uses_nccl and not deterministic).register()
+    per_anchor, gated, near_tie, hardest_index, gap, *_ = torch.ops.selhn_ext.loss_forward(
+        img, txt, None if ids is None else ids.to(torch.int64), float(margin), float(eps),
+        mode, name, deterministic, options.allow_tf32_for(img), exchange,
+    )  # fmt: skip
+    loss = options.reduce_losses(
+        per_anchor,
+        reduction,
+        total=lambda t: torch.ops.selhn_ext.sum_over_ranks(t.sum(), exchange),
+        anchors=2 * sum(sizes),
     )
-    kernel_options = _Options(
-        margin=float(margin),
-        eps=float(eps),
-        mode=mode,
-        backend=name,
-        deterministic=bool(deterministic),
-        allow_tf32=allow_tf32_for(img),
-    )
-    per_anchor, gated, near_tie, hardest_index, gap = _GlobalBatchSelHN.apply(
-        img, txt, ids, ranks, kernel_options
-    )
-    if reduction == "none":
-        loss = per_anchor
-    else:
-        loss = _SumOverRanks.apply(per_anchor.sum(), ranks)
-        if reduction == "mean":
-            loss = loss / (2 * ranks.total)
     if not return_stats:
         return loss
     return loss, SelHNStats.from_decisions(gated, near_tie, hardest_index, gap)
+
+
+def _local_backend(img: Tensor, uses_nccl: bool, backend: str) -> str:
+    """This rank's backend for its inputs (the global size is checked after the header)."""
+    if uses_nccl and img.device.type != "cuda":
+        raise ValueError(f"the group's backend is NCCL, which needs CUDA tensors, got {img.device}")
+    name = dispatch.choose_backend(backend, img.device.type, img.dtype)
+    # The reference would build the full B x B matrix: its chunked form runs instead.
+    return "chunked" if name == "reference" else name
+
+
+def _header_values(img: Tensor, name: str, margin, eps, mode, reduction, ids) -> dict[str, int]:
+    return dict(
+        batch=img.shape[0],
+        dim=img.shape[1],
+        dtype=_DTYPES.index(img.dtype),
+        device=_device_code(img.device),
+        ids=int(ids is not None),
+        mode=MODES.index(mode),
+        reduction=REDUCTIONS.index(reduction),
+        margin=_float_bits(margin),
+        eps=_float_bits(eps),
+        backend=BACKENDS.index(name),
+    )
+
+
+def _gather_headers(header: Tensor, group) -> Tensor:
+    """(world, header length) on the host: every rank's header, in rank order."""
+    world = dist.get_world_size(group)
+    rows = header.new_empty(world * _HEADER_LENGTH)
+    try:
+        _all_gather_single(rows, header, group=group)
+    except RuntimeError as exc:
+        rank = dist.get_rank(group)
+        raise CollectiveError(_timeout_hint("the input header all-gather", rank, exc)) from exc
+    return rows.view(world, _HEADER_LENGTH).cpu()
+
+
+def _size_error(name: str, img: Tensor, sizes: tuple[int, ...]) -> str | None:
+    """Why the backend every rank chose cannot take the global batch (the same on every
+    rank, since every rank sees the same header), or None."""
+    reasons = dispatch.unsupported_reasons(name, img.device.type, img.dtype, sum(sizes), max(sizes))
+    if not reasons:
+        return None
+    return f"backend {name!r} cannot run the global batch: " + "; ".join(reasons)

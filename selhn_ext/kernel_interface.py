@@ -1,16 +1,19 @@
-"""The interface every fused backend implements, and the O(B) math they all share.
+"""The contract every backend implements, and the O(B) math they all share.
 
-A backend computes only what needs the B x B similarity matrix S = rows @ cols.T:
+A call covers one row block of a global batch, described by a :class:`Block` (the Python
+twin of the C++ ``Problem<T>``): ``rows`` (b, D) are the global rows
+``[row_offset, row_offset + b)``, ``cols`` (N, D) are all N columns, ``col_pos`` (N,) holds
+the positive scores d_j in the compute dtype. Row i's positive is column
+``row_offset + i``; a pair (i, j) is a valid negative when ``j != row_offset + i`` and
+(with ids) ``row_ids[i] != col_ids[j]``. One process is the block ``row_offset = 0``,
+b = N.
 
-* ``partials(rows, cols, col_pos, row_offset, row_ids, col_ids, margin, *,
-  deterministic, allow_tf32) -> (row: DirectionStats, col: DirectionStats)``
+A backend (:class:`Backend`) computes what needs the B x B similarity matrix
+S = rows @ cols.T:
 
-  ``rows`` (b, D) are the global rows ``[row_offset, row_offset + b)``; ``cols`` (N, D)
-  are all N columns; ``col_pos`` (N,) holds the positive scores d_j (compute dtype).
-  Row i's positive is column ``row_offset + i``; a pair (i, j) is a valid negative when
-  ``j != row_offset + i`` and (with ids) ``row_ids[i] != col_ids[j]``.
-  For every row i (complete, since every column is seen) and every column j
-  (*un-finalised*: only over these b rows), the backend returns
+* ``partials(block, margin, *, deterministic, allow_tf32) -> (row, col)``: for every row
+  i (complete, since every column is seen) and every column j (*un-finalised*: only over
+  these b rows), a :class:`DirectionStats` of
 
   - ``max``: the largest valid S_ij, NaN if any valid S_ij is NaN, -inf if none is valid;
   - ``arg``: the global index achieving it (a column index for rows, a row index
@@ -22,10 +25,9 @@ A backend computes only what needs the B x B similarity matrix S = rows @ cols.T
 
   Every float is in the compute dtype (fp32 for 16/32-bit inputs, fp64 for fp64).
 
-* ``dense_backward(rows, cols, col_pos, row_offset, row_ids, col_ids, margin,
-  row_coef, col_coef, row_gated, col_gated, *, deterministic, allow_tf32)
+* ``dense_backward(block, margin, gated, *, deterministic, allow_tf32)
   -> (grad_rows (b, D), grad_cols (N, D))`` in the compute dtype: the off-diagonal
-  gradient of the gated (mean-over-negatives) anchors only,
+  gradient of the gated (mean-over-negatives) anchors only (:class:`GatedAnchors`),
 
       W_ij = row_gated_i * row_coef_i * 1[margin + S_ij - d_{row_offset+i} > 0]
            + col_gated_j * col_coef_j * 1[margin + S_ij - d_j > 0]      (valid pairs)
@@ -35,20 +37,77 @@ A backend computes only what needs the B x B similarity matrix S = rows @ cols.T
   reproduce the forward's S bit for bit (same tiling and accumulation order) so that the
   forward's ``active`` counts, used for the diagonal below, match the recomputed set.
 
-Everything else (the gate, the per-anchor losses, the hardest-negative gradient and the
-diagonal terms) is O(B) or O(B*D) and lives here once, so every backend, and the
-distributed loss, make the same decisions the same way.
+and three O(B) / O(B*D) steps around them, which :class:`PyTorchGlue` implements once in
+plain PyTorch for every backend: ``positive_scores``, ``finalize_both`` (the gate, the
+per-anchor losses and the backward weights of both directions) and
+``sparse_and_diagonal_backward`` (the hardest-negative pairs and the diagonal, and the
+cast to the gradients' dtypes). A backend may fuse any of these into its own kernels; a
+fused ``finalize_both`` must reproduce :func:`finalize` exactly (every decision, every
+bit), which stays the one definition of the gate, and the tests compare the two.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-MODES = ("selhn", "hardest", "all", "sum_hinges")
-REDUCTIONS = ("mean", "sum", "none")
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; every other floating dtype computes in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Block:
+    """One row block of a global batch against all its columns (see the module notes)."""
+
+    rows: Tensor  # (b, D)
+    cols: Tensor  # (N, D), same dtype as rows
+    col_pos: Tensor  # (N,) compute dtype: d_j of every column
+    row_offset: int = 0  # global index of rows[0]
+    row_ids: Tensor | None = None  # (b,) int32/int64, given together with col_ids
+    col_ids: Tensor | None = None  # (N,)
+
+    def __post_init__(self) -> None:
+        rows, cols = self.rows, self.cols
+        if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
+            raise ValueError(
+                f"rows and cols must be (b, D) and (N, D), got {tuple(rows.shape)} and "
+                f"{tuple(cols.shape)}"
+            )
+        if rows.dtype != cols.dtype:
+            raise TypeError(f"rows and cols must share a dtype, got {rows.dtype} and {cols.dtype}")
+        if self.col_pos.shape != (self.n,):
+            raise ValueError(f"col_pos must be ({self.n},), got {tuple(self.col_pos.shape)}")
+        if not 0 <= self.row_offset <= self.n - self.b:
+            raise ValueError(
+                f"row_offset {self.row_offset} puts the {self.b} rows outside the {self.n} columns"
+            )
+        if (self.row_ids is None) != (self.col_ids is None):
+            raise ValueError("row_ids and col_ids must be given together")
+        if self.row_ids is not None and (
+            self.row_ids.shape != (self.b,) or self.col_ids.shape != (self.n,)
+        ):
+            raise ValueError(f"row_ids and col_ids must have shapes ({self.b},) and ({self.n},)")
+
+    @property
+    def b(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.cols.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
 
 
 class DirectionStats(NamedTuple):
@@ -58,6 +117,14 @@ class DirectionStats(NamedTuple):
     arg: Tensor  # int64, global index, -1 if no valid negative
     hinge_sum: Tensor  # compute dtype
     active: Tensor  # int32
+
+
+class AnchorSide(NamedTuple):
+    """What the finalize step reads of one direction's anchors."""
+
+    stats: DirectionStats  # merged over every negative
+    positive: Tensor  # d of these anchors, compute dtype
+    negatives: Tensor  # n, the number of valid negatives of each anchor (int64)
 
 
 class AnchorDecisions(NamedTuple):
@@ -72,9 +139,27 @@ class AnchorDecisions(NamedTuple):
     hard_weight: Tensor  # d loss / d (hardest hinge) for a non-gated anchor (0 or 1)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; every other floating dtype computes in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class GatedAnchors(NamedTuple):
+    """The dense backward's anchors: coefficient (upstream x dense weight) and gate."""
+
+    row_coef: Tensor  # (b,) compute dtype
+    col_coef: Tensor  # (N,)
+    row_gated: Tensor  # (b,) bool
+    col_gated: Tensor  # (N,) bool
+
+
+class AnchorWeights(NamedTuple):
+    """What the sparse and diagonal backward needs of one direction's anchors (O(B))."""
+
+    upstream: Tensor  # d (total loss) / d (per-anchor loss), compute dtype
+    hardest_index: Tensor  # int64, global index, -1 if none
+    dense_weight: Tensor  # AnchorDecisions.dense_weight
+    hard_weight: Tensor  # AnchorDecisions.hard_weight
+    active: Tensor  # the forward's active-hinge counts, merged over every negative
+
+
+# ---------------------------------------------------------------------------------------
+# The shared O(B) and O(B*D) math
 
 
 def positive_scores(img: Tensor, txt: Tensor) -> Tensor:
@@ -118,6 +203,7 @@ def finalize(
 
     ``d`` and ``n`` are the anchors' positive scores and negative counts. Any NaN or Inf
     in an anchor's own pair reaches its loss through ``0 * d`` (no host sync needed).
+    This is the one definition of the gate: a backend that fuses it must match it exactly.
     """
     dtype = d.dtype
     has_negative = n > 0
@@ -151,15 +237,6 @@ def finalize(
     )
 
 
-class AnchorWeights(NamedTuple):
-    """What the backward needs of one direction's anchors (all O(B))."""
-
-    hardest_index: Tensor  # int64, global index, -1 if none
-    dense_weight: Tensor  # AnchorDecisions.dense_weight
-    hard_weight: Tensor  # AnchorDecisions.hard_weight
-    active: Tensor  # the forward's active-hinge counts, merged over every negative
-
-
 def scatter_add_rows(target: Tensor, index: Tensor, values: Tensor, deterministic: bool) -> None:
     """target[index[k]] += values[k], with duplicates in ``index``.
 
@@ -173,35 +250,32 @@ def scatter_add_rows(target: Tensor, index: Tensor, values: Tensor, deterministi
 
 
 def sparse_and_diagonal_backward(
-    rows: Tensor,
-    cols: Tensor,
-    row_offset: int,
+    block: Block,
     grad_rows: Tensor,
     grad_cols: Tensor,
-    row_up: Tensor,
-    col_up: Tensor,
     row: AnchorWeights,
     col: AnchorWeights,
     deterministic: bool,
 ) -> None:
     """Add the hardest-negative pairs and the diagonal to (grad_rows, grad_cols) in place.
 
-    ``rows``/``cols`` are in the compute dtype; ``row_up`` (b,) and ``col_up`` (N,) are the
-    upstream gradients of the per-anchor losses; ``row``/``col`` the weights of the
-    local rows and of all N columns. O(B*D), no host sync.
+    The gradients are in the compute dtype; ``row`` holds the weights of the block's b
+    rows, ``col`` those of all N columns. O(B*D), no host sync.
     """
+    cdt = compute_dtype(block.rows.dtype)
+    rows, cols, row_offset = block.rows.to(cdt), block.cols.to(cdt), block.row_offset
     b = rows.shape[0]
     local = torch.arange(b, device=rows.device)
 
     # Image anchor i, hardest caption k_i: dimg_i += w txt_k, dtxt_k += w img_i.
-    w_row = row_up * row.hard_weight
+    w_row = row.upstream * row.hard_weight
     k = row.hardest_index.clamp(min=0)
     w_row = torch.where(row.hardest_index >= 0, w_row, torch.zeros_like(w_row))
     grad_rows += w_row[:, None] * cols[k]
     scatter_add_rows(grad_cols, k, w_row[:, None] * rows, deterministic)
 
     # Caption anchor j, hardest image q_j (only where q_j is one of these rows).
-    w_col = col_up * col.hard_weight
+    w_col = col.upstream * col.hard_weight
     q_local = col.hardest_index - row_offset
     mine = (col.hardest_index >= 0) & (q_local >= 0) & (q_local < b)
     w_col_mine = torch.where(mine, w_col, torch.zeros_like(w_col))
@@ -211,8 +285,81 @@ def sparse_and_diagonal_backward(
 
     # Diagonal: every active hinge of anchor i carries -d_i, and d_i = <row_i, col_{off+i}>.
     pos = row_offset + local
-    dense_r = row_up * row.dense_weight * row.active.to(rows.dtype)
-    dense_c = col_up * col.dense_weight * col.active.to(rows.dtype)
+    dense_r = row.upstream * row.dense_weight * row.active.to(cdt)
+    dense_c = col.upstream * col.dense_weight * col.active.to(cdt)
     g_diag = -(dense_r + w_row + (dense_c + w_col)[pos])
     grad_rows += g_diag[:, None] * cols[pos]
     grad_cols[pos] += g_diag[:, None] * rows
+
+
+# ---------------------------------------------------------------------------------------
+# The backend contract
+
+
+class Backend(Protocol):
+    """What the pipeline (pipeline.py) calls on a backend; see the module notes."""
+
+    def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor: ...
+
+    def partials(
+        self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
+    ) -> tuple[DirectionStats, DirectionStats]: ...
+
+    def finalize_both(
+        self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
+    ) -> tuple[AnchorDecisions, AnchorDecisions]: ...
+
+    def dense_backward(
+        self,
+        block: Block,
+        margin: float,
+        gated: GatedAnchors,
+        *,
+        deterministic: bool = False,
+        allow_tf32: bool = False,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def sparse_and_diagonal_backward(
+        self,
+        block: Block,
+        dense_grads: tuple[Tensor, Tensor],
+        row: AnchorWeights,
+        col: AnchorWeights,
+        *,
+        deterministic: bool,
+        out_dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+class PyTorchGlue:
+    """The O(B) and O(B*D) steps of :class:`Backend` in plain PyTorch.
+
+    Backends inherit these and implement ``partials`` and ``dense_backward``; a backend
+    with fused kernels for a step overrides it.
+    """
+
+    def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor:
+        return positive_scores(img, txt)
+
+    def finalize_both(
+        self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
+    ) -> tuple[AnchorDecisions, AnchorDecisions]:
+        return (
+            finalize(row.stats, row.positive, row.negatives, margin, eps, mode),
+            finalize(col.stats, col.positive, col.negatives, margin, eps, mode),
+        )
+
+    def sparse_and_diagonal_backward(
+        self,
+        block: Block,
+        dense_grads: tuple[Tensor, Tensor],
+        row: AnchorWeights,
+        col: AnchorWeights,
+        *,
+        deterministic: bool,
+        out_dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[Tensor, Tensor]:
+        """The final gradients in ``out_dtypes`` (the dense ones are updated in place)."""
+        grad_rows, grad_cols = dense_grads
+        sparse_and_diagonal_backward(block, grad_rows, grad_cols, row, col, deterministic)
+        return grad_rows.to(out_dtypes[0]), grad_cols.to(out_dtypes[1])

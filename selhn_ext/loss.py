@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import SelHNStats, check_options, selhn_loss
+from .functional import selhn_loss
+from .options import SelHNStats, check_options
 
 
 class SelHNLoss(nn.Module):
@@ -25,7 +26,7 @@ class SelHNLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        check_options(margin, eps, mode, reduction, backend)
+        check_options(margin, eps, mode, reduction, backend, deterministic, return_stats)
         self.margin = margin
         self.eps = eps
         self.mode = mode

@@ -1,9 +1,11 @@
-"""The loss as torch.library custom ops: one forward op, one backward op, for every backend.
+"""The loss as torch.library custom ops, for every backend and for one or several processes.
 
-The backend name is an argument of the op; ``dispatch.kernels(name)`` returns the object
-implementing the kernel interface (``kernel_interface.py``). Fake kernels and the
-autograd formula live here once, so ``torch.compile(fullgraph=True)`` sees two opaque ops
-whatever backend runs.
+``loss_forward`` and ``loss_backward`` run the pipeline (pipeline.py) on the backend named
+by their ``backend`` argument, over the exchange named by ``exchange`` ("" for one
+process; the distributed loss registers its process group's). Fake kernels and the
+autograd formula live here once, so ``torch.compile(fullgraph=True)`` sees opaque ops
+whatever backend runs, in one process or several. ``sum_over_ranks`` is the distributed
+loss's sum of every process's local sum.
 """
 
 from __future__ import annotations
@@ -11,29 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .kernel_interface import (
-    AnchorWeights,
-    compute_dtype,
-    count_negatives,
-    finalize,
-    positive_scores,
-    sparse_and_diagonal_backward,
-)
+from . import dispatch, pipeline
+from .kernel_interface import compute_dtype
 
-# Outputs of the forward op, in order. The first five are the user-facing per-anchor
-# loss and statistics; the rest are O(B) values the backward needs.
-FORWARD_OUTPUTS = (
-    "loss",
-    "gated",
-    "near_tie",
-    "hardest_index",
-    "gap",
-    "dense_weight",
-    "hard_weight",
-    "active",
-    "positive",
-)
+FORWARD_OUTPUTS = pipeline.OUTPUT_NAMES
+ForwardOutputs = tuple[(Tensor,) * len(FORWARD_OUTPUTS)]
 
 
 @torch.library.custom_op("selhn_ext::loss_forward", mutates_args=())
@@ -47,41 +31,36 @@ def loss_forward(
     backend: str,
     deterministic: bool,
     allow_tf32: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = dispatch.kernels(backend)
-    batch = img.shape[0]
-    # The inputs already carry the autocast dtype; the compute dtype rules (§4) apply inside.
-    with torch.autocast(img.device.type, enabled=False):
-        d = positive_scores(img, txt)
-        n = count_negatives(ids, batch, img.device)
-        row_stats, col_stats = kernels.partials(
-            img, txt, d, 0, ids, ids, margin, deterministic=deterministic, allow_tf32=allow_tf32
-        )
-    row = finalize(row_stats, d, n, margin, eps, mode)
-    col = finalize(col_stats, d, n, margin, eps, mode)
-    active = torch.stack([row_stats.active, col_stats.active])
-    return (*(torch.stack([a, b]) for a, b in zip(row[:7], col[:7], strict=False)), active, d)
+    exchange: str = "",
+) -> ForwardOutputs:
+    out = pipeline.forward(
+        dispatch.backend(backend), img, txt, ids,
+        pipeline.Settings(margin, eps, mode, deterministic, allow_tf32),
+        pipeline.exchange_for(exchange, img.shape[0]),
+    )  # fmt: skip
+    return (*out[:-1], *out.saved)
 
 
 @loss_forward.register_fake
-def _(img, txt, ids, margin, eps, mode, backend, deterministic, allow_tf32):
-    batch = img.shape[0]
+def _(img, txt, ids, margin, eps, mode, backend, deterministic, allow_tf32, exchange=""):
+    local = img.shape[0]
+    total = pipeline.exchange_for(exchange, local).total
     cdt = compute_dtype(img.dtype)
+    kinds = {
+        "loss": cdt, "gated": torch.bool, "near_tie": torch.bool, "hardest_index": torch.int64,
+        "gap": cdt, "row_dense_weight": cdt, "row_hard_weight": cdt, "row_active": torch.int32,
+        "col_gated": torch.bool, "col_hardest_index": torch.int64, "col_dense_weight": cdt,
+        "col_hard_weight": cdt, "col_active": torch.int32, "positive": cdt,
+    }  # fmt: skip
 
-    def new(dtype):
-        return img.new_empty((2, batch), dtype=dtype)
+    def shape(name: str) -> tuple[int, ...]:
+        if name.startswith("row_"):
+            return (local,)
+        if name.startswith("col_") or name == "positive":
+            return (total,)
+        return (2, local)
 
-    return (
-        new(cdt),
-        new(torch.bool),
-        new(torch.bool),
-        new(torch.int64),
-        new(cdt),
-        new(cdt),
-        new(cdt),
-        new(torch.int32),
-        img.new_empty((batch,), dtype=cdt),
-    )
+    return tuple(img.new_empty(shape(name), dtype=kinds[name]) for name in FORWARD_OUTPUTS)
 
 
 @torch.library.custom_op("selhn_ext::loss_backward", mutates_args=())
@@ -92,84 +71,68 @@ def loss_backward(
     ids: Tensor | None,
     gated: Tensor,
     hardest_index: Tensor,
-    dense_weight: Tensor,
-    hard_weight: Tensor,
-    active: Tensor,
+    row_dense_weight: Tensor,
+    row_hard_weight: Tensor,
+    row_active: Tensor,
+    col_gated: Tensor,
+    col_hardest_index: Tensor,
+    col_dense_weight: Tensor,
+    col_hard_weight: Tensor,
+    col_active: Tensor,
     positive: Tensor,
     margin: float,
     backend: str,
     deterministic: bool,
     allow_tf32: bool,
+    exchange: str = "",
 ) -> tuple[Tensor, Tensor]:
-    with torch.autocast(img.device.type, enabled=False):
-        return _loss_backward_impl(
-            grad_loss, img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active,
-            positive, margin, backend, deterministic, allow_tf32,
-        )  # fmt: skip
-
-
-def _loss_backward_impl(
-    grad_loss, img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active,
-    positive, margin, backend, deterministic, allow_tf32,
-):  # fmt: skip
-    kernels = dispatch.kernels(backend)
-    cdt = compute_dtype(img.dtype)
-    up = grad_loss.to(cdt)
-    row_coef = up[0] * dense_weight[0]
-    col_coef = up[1] * dense_weight[1]
-    grad_img, grad_txt = kernels.dense_backward(
-        img,
-        txt,
-        positive,
-        0,
-        ids,
-        ids,
-        margin,
-        row_coef,
-        col_coef,
-        gated[0],
-        gated[1],
-        deterministic=deterministic,
-        allow_tf32=allow_tf32,
-    )
-
-    def weights(k: int) -> AnchorWeights:
-        return AnchorWeights(hardest_index[k], dense_weight[k], hard_weight[k], active[k])
-
-    sparse_and_diagonal_backward(
-        img.to(cdt),
-        txt.to(cdt),
-        0,
-        grad_img,
-        grad_txt,
-        up[0],
-        up[1],
-        weights(0),
-        weights(1),
-        deterministic,
-    )
-    return grad_img.to(img.dtype), grad_txt.to(txt.dtype)
+    saved = pipeline.Saved(
+        row_dense_weight, row_hard_weight, row_active, col_gated, col_hardest_index,
+        col_dense_weight, col_hard_weight, col_active, positive,
+    )  # fmt: skip
+    return pipeline.backward(
+        dispatch.backend(backend), grad_loss, img, txt, ids, gated, hardest_index, saved,
+        pipeline.Settings(margin, 0.0, "", deterministic, allow_tf32),
+        pipeline.exchange_for(exchange, img.shape[0]),
+    )  # fmt: skip
 
 
 @loss_backward.register_fake
-def _(grad_loss, img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active,
-      positive, margin, backend, deterministic, allow_tf32):  # fmt: skip
+def _(grad_loss, img, txt, ids, *saved_and_options):
     return torch.empty_like(img), torch.empty_like(txt)
 
 
 def _setup_context(ctx, inputs, output):
-    img, txt, ids, margin, eps, mode, backend, deterministic, allow_tf32 = inputs
-    _, gated, _, hardest_index, _, dense_weight, hard_weight, active, positive = output
-    ctx.save_for_backward(
-        img, txt, ids, gated, hardest_index, dense_weight, hard_weight, active, positive
-    )
-    ctx.options = (margin, backend, deterministic, allow_tf32)
+    img, txt, ids, margin, eps, mode, backend, deterministic, allow_tf32, *rest = inputs
+    _, gated, _, hardest_index, _, *saved = output
+    ctx.save_for_backward(img, txt, ids, gated, hardest_index, *saved)
+    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)
 
 
 def _backward(ctx, grad_loss, *unused_grads):
-    saved = ctx.saved_tensors
-    grad_img, grad_txt = loss_backward(grad_loss.contiguous(), *saved, *ctx.options)
-    return grad_img, grad_txt, None, None, None, None, None, None, None
+    grad_img, grad_txt = loss_backward(grad_loss.contiguous(), *ctx.saved_tensors, *ctx.options)
+    return grad_img, grad_txt, None, None, None, None, None, None, None, None
 
 
 loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("selhn_ext::sum_over_ranks", mutates_args=())
+def sum_over_ranks(local: Tensor, exchange: str) -> Tensor:
+    """The sum of every process's 0-d ``local`` (the same bits in every process).
+
+    Backward passes each process's upstream gradient to its own local value: with the
+    same upstream in every process, each process's anchors receive exactly their share of
+    the single-process gradient.
+    """
+    return pipeline.exchange_for(exchange, 1).sum_scalars("the loss all-gather", local)
+
+
+@sum_over_ranks.register_fake
+def _(local, exchange):
+    return local.new_empty(())
+
+
+sum_over_ranks.register_autograd(
+    lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None
+)

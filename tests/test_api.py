@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_backend
@@ -230,6 +231,10 @@ GOOD = torch.randn(4, 3)
         ((GOOD, GOOD), {"eps": -1e-3}, ValueError, "eps must be a finite number >= 0"),
         ((GOOD, GOOD), {"eps": float("nan")}, ValueError, "eps must be a finite number"),
         ((GOOD, GOOD), {"margin": "0.2"}, TypeError, "margin must be a number"),
+        ((GOOD, GOOD), {"margin": True}, TypeError, "margin must be a number"),
+        ((GOOD, GOOD), {"deterministic": "no"}, TypeError, "deterministic must be True, False"),
+        ((GOOD, GOOD), {"deterministic": 0}, TypeError, "deterministic must be True, False"),
+        ((GOOD, GOOD), {"return_stats": "yes"}, TypeError, "return_stats must be True or"),
     ],
 )
 def test_bad_input_gives_a_clear_error(args, kwargs, error, message):
@@ -242,6 +247,20 @@ def test_module_rejects_bad_options_at_construction():
         SelHNLoss(mode="vse")
     with pytest.raises(ValueError, match="margin"):
         SelHNLoss(margin=-1.0)
+    with pytest.raises(TypeError, match="deterministic"):
+        SelHNLoss(deterministic="no")
+
+
+def test_numpy_scalars_are_numbers():
+    """margin and eps accept NumPy scalars (as read from a config or an array), and give
+    the loss of the same Python float."""
+    g = torch.Generator().manual_seed(11)
+    img, txt = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    for margin, eps in ((np.float32(0.2), np.float64(0.05)), (np.int64(1), np.float16(0.5))):
+        got = selhn_loss(img, txt, margin=margin, eps=eps, backend="chunked")
+        want = selhn_loss(img, txt, margin=float(margin), eps=float(eps), backend="chunked")
+        assert torch.equal(got, want)
+        assert SelHNLoss(margin=margin, eps=eps, backend="chunked")(img, txt).item() == want.item()
 
 
 def test_named_backend_that_cannot_run_raises_every_reason():
@@ -298,11 +317,11 @@ def test_auto_order_on_cpu_never_picks_triton():
 
 def test_deterministic_none_follows_the_global_flag(monkeypatch):
     from selhn_ext import dispatch
-    from selhn_ext.reference import ChunkedKernels
+    from selhn_ext.chunked import ChunkedBackend
 
     seen = []
 
-    class Recording(ChunkedKernels):
+    class Recording(ChunkedBackend):
         def partials(self, *args, deterministic=False, **kwargs):
             seen.append(deterministic)
             return super().partials(*args, deterministic=deterministic, **kwargs)

@@ -92,13 +92,16 @@ def test_eval_prints_the_table_matching_training_dev_metrics(
     ])  # fmt: skip
     assert status == 0
     text = capsys.readouterr().out
-    rsums = [float(m) for m in re.findall(r"^rsum (\d+\.\d\d)$", text, flags=re.M)]
+    rsum_line = r"^rsum  argsort (\d+\.\d\d)  pessimistic (\d+\.\d\d)$"
+    rsums = [float(m[1]) for m in re.findall(rsum_line, text, flags=re.M)]
     assert len(rsums) == 2  # all images, then the 5-fold mean
-    dev_rsum = float(read_csv(out / "metrics.csv")[0]["rsum"])
+    dev_rsum = float(read_csv(out / "metrics.csv")[0]["rsum"])  # rank_rule: pessimistic
     assert rsums[0] == pytest.approx(dev_rsum, abs=0.006)
     assert "5-fold mean" in text
-    i2t = re.search(r"^i2t\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", text, flags=re.M)
-    assert i2t and all(0 <= float(v) <= 100 for v in i2t.groups()[:3])
+    for rule in ("argsort", "pessimistic"):
+        row = rf"^{rule}\s+i2t\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$"
+        i2t = re.search(row, text, flags=re.M)
+        assert i2t and all(0 <= float(v) <= 100 for v in i2t.groups()[:3])
 
 
 def test_train_resume_without_config_continues_with_the_checkpoint_config(

@@ -15,8 +15,10 @@ import torch
 from conftest import require_backend
 
 from selhn_ext import selhn_loss
-from selhn_ext.kernel_interface import MODES, REDUCTIONS, positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.options import MODES, REDUCTIONS
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 pytestmark = pytest.mark.backend("cpu")
 
@@ -258,13 +260,13 @@ def test_nan_propagates_to_max_arg_and_loss():
         img, txt = make_batch(70, 8, dtype, seed=3)
         img[3, 0] = float("nan")  # S row 3 is all NaN, so is every column's entry in row 3
         d = positive_scores(img, txt)
-        rows, cols = ops.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+        rows, cols = ops.COMPILED_BACKEND.partials(Block(img, txt, d), MARGIN)
         assert torch.isnan(rows.max[3]) and rows.arg[3] == 0  # smallest index among NaNs
         assert torch.isnan(rows.hinge_sum[3])
         others = torch.arange(70) != 3
         assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()
         assert not torch.isnan(cols.max[3])
-        ref_rows, ref_cols = ChunkedKernels().partials(img, txt, d, 0, None, None, MARGIN)
+        ref_rows, ref_cols = ChunkedBackend().partials(Block(img, txt, d), MARGIN)
         assert torch.equal(rows.arg, ref_rows.arg) and torch.equal(cols.arg, ref_cols.arg)
         loss = selhn_loss(img, txt, backend="cpu")
         assert torch.isnan(loss)
@@ -312,26 +314,30 @@ def assert_stats_equal(a, b, tol):
             assert_close(x, y, tol, name)
 
 
-def regime_is_merged(b, n, gated_rows, gated_cols):
-    """The dense backward's regime for these counts: one merged pass over every tile when
-    that recomputes no more tiles than the compacted gated-row and gated-column passes."""
+def tiles_touching_gated(b, n, gated_rows, gated_cols):
+    """Tiles the dense backward recomputes: with the gated rows and columns ordered first,
+    every tile of the first ceil(gated_rows / BM) row tiles or of the first
+    ceil(gated_cols / BN) column tiles, once each; and the tile count of the whole matrix."""
     block_rows, block_cols = torch.ops.selhn._cpu_tile_shape()
-    every_tile = math.ceil(b / block_rows) * math.ceil(n / block_cols)
-    compacted = math.ceil(gated_rows / block_rows) * math.ceil(n / block_cols) + math.ceil(
+    row_tiles, col_tiles = math.ceil(b / block_rows), math.ceil(n / block_cols)
+    gated_row_tiles = math.ceil(gated_rows / block_rows)
+    touching = gated_row_tiles * col_tiles + (row_tiles - gated_row_tiles) * math.ceil(
         gated_cols / block_cols
-    ) * math.ceil(b / block_rows)
-    return every_tile <= compacted, every_tile, compacted
+    )
+    return touching, row_tiles * col_tiles
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("with_ids", [False, True])
-@pytest.mark.parametrize("gated_fraction,merged", [(0.3, False), (0.9, True)])
-def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated_fraction, merged):
+@pytest.mark.parametrize("gated_fraction", [0.3, 0.9])
+def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated_fraction):
     ops = cpu_ops()
     batch, b, off = 300, 97, 130  # a row block like one rank's share of a global batch
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 40, with_ids, off, b)
-    got = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    got = ops.COMPILED_BACKEND.partials(Block(rows, cols, d, off, row_ids, col_ids), MARGIN)
+    ref = ChunkedBackend(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for a, c in zip(got, ref, strict=True):
         assert_stats_equal(a, c, tol)
     gen = torch.Generator().manual_seed(4)
@@ -341,18 +347,21 @@ def test_row_block_of_a_bigger_batch_matches_chunked(dtype, tol, with_ids, gated
     )
     gated_r = torch.rand(b, generator=gen) < gated_fraction
     gated_c = torch.rand(batch, generator=gen) < gated_fraction
-    assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
     for deterministic in (False, True):
-        args = (rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r, coef_c, gated_r, gated_c)
-        g_rows, g_cols = ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
-        r_rows, r_cols = ChunkedKernels(chunk_rows=32).dense_backward(*args)
+        args = (
+            Block(rows, cols, d, off, row_ids, col_ids),
+            MARGIN,
+            GatedAnchors(coef_r, coef_c, gated_r, gated_c),
+        )
+        g_rows, g_cols = ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
+        r_rows, r_cols = ChunkedBackend(chunk_rows=32).dense_backward(*args)
         assert_close(g_rows, r_rows, tol * 10, "grad rows")
         assert_close(g_cols, r_cols, tol * 10, "grad cols")
 
 
 def backward_tiles(ops, args, deterministic):
     torch.ops.selhn._cpu_backward_tile_count(True)
-    ops.COMPILED_KERNELS.dense_backward(*args, deterministic=deterministic)
+    ops.COMPILED_BACKEND.dense_backward(*args, deterministic=deterministic)
     return torch.ops.selhn._cpu_backward_tile_count(True)
 
 
@@ -363,35 +372,37 @@ def test_backward_recomputes_only_gated_tiles():
     coef = torch.ones(batch)
     none = torch.zeros(batch, dtype=torch.bool)
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), False)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), False
+        )
         == 0
     )
     assert (
-        backward_tiles(ops, (rows, cols, d, 0, None, None, MARGIN, coef, coef, none, none), True)
+        backward_tiles(
+            ops, (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, none, none)), True
+        )
         == 0
     )
     gen = torch.Generator().manual_seed(0)
-    for fraction in (0.01, 0.3, 1.0):
+    counts = []
+    for fraction in (0.01, 0.3, 0.5, 1.0):
+        # Scattered gating: the gated anchors are spread over every tile of the input order.
         gated_r = torch.rand(batch, generator=gen) < fraction
         gated_c = torch.rand(batch, generator=gen) < fraction
-        merged, every_tile, compacted = regime_is_merged(
+        touching, every_tile = tiles_touching_gated(
             batch, batch, int(gated_r.sum()), int(gated_c.sum())
         )
-        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, gated_r, gated_c)
-        if merged:
-            # Most anchors gated: one pass over every tile, W = row part + column part, S
-            # recomputed once per tile: ceil(B / BM) * ceil(B / BN) tiles, fewer than the
-            # compacted passes would take.
-            assert fraction == 1.0 and every_tile < compacted
-            assert backward_tiles(ops, args, False) == every_tile
-            # Deterministic mode: a row-owner pass and a column-owner pass.
-            assert backward_tiles(ops, args, True) == 2 * every_tile
-        else:
-            # Few gated: only tiles of compacted gated rows and of compacted gated columns.
-            assert fraction < 1.0
-            assert 0 < backward_tiles(ops, args, False) <= compacted
-            # Deterministic: each gated tile once per output side (no shared buffers).
-            assert 0 < backward_tiles(ops, args, True) <= 2 * compacted
+        args = (Block(rows, cols, d), MARGIN, GatedAnchors(coef, coef, gated_r, gated_c))
+        # Each tile that touches a gated anchor once (W = row part + column part), and no
+        # other tile; below the whole matrix unless every anchor is gated.
+        count = backward_tiles(ops, args, False)
+        assert count == touching
+        assert count < every_tile if fraction < 1.0 else count == every_tile
+        # Deterministic mode: a row-owner pass and a column-owner pass.
+        assert backward_tiles(ops, args, True) == 2 * touching
+        counts.append(count)
+    # More gated anchors never recompute fewer tiles: half gated costs less than all gated.
+    assert counts == sorted(counts) and counts[2] < counts[3]
     # Through the loss: mode "hardest" gates nothing, so the backward recomputes no tile.
     img, txt = make_batch(200, 16, torch.float32)
     img.requires_grad_(True)
@@ -401,23 +412,23 @@ def test_backward_recomputes_only_gated_tiles():
 
 
 def run_everything(ops, deterministic):
-    """Partials, then the dense backward in the compacted (10% gated) and the merged (40%
-    gated) regime."""
+    """Partials, then the dense backward with 10% and 40% of the anchors gated."""
     rows, cols, d, off, row_ids, col_ids = op_args(torch.float32, 333, 24, True)
-    partial = ops.COMPILED_KERNELS.partials(
-        rows, cols, d, 0, row_ids, col_ids, MARGIN, deterministic=deterministic
+    partial = ops.COMPILED_BACKEND.partials(
+        Block(rows, cols, d, 0, row_ids, col_ids), MARGIN, deterministic=deterministic
     )
     gen = torch.Generator().manual_seed(6)
     coef = torch.rand(333, generator=gen)
     grads = []
-    for fraction, merged in ((0.1, False), (0.4, True)):
+    for fraction in (0.1, 0.4):
         gated_r = torch.rand(333, generator=gen) < fraction
         gated_c = torch.rand(333, generator=gen) < fraction
-        assert regime_is_merged(333, 333, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
-        grads += ops.COMPILED_KERNELS.dense_backward(
-            rows, cols, d, 0, row_ids, col_ids, MARGIN, coef, coef, gated_r, gated_c,
+        grads += ops.COMPILED_BACKEND.dense_backward(
+            Block(rows, cols, d, 0, row_ids, col_ids),
+            MARGIN,
+            GatedAnchors(coef, coef, gated_r, gated_c),
             deterministic=deterministic,
-        )  # fmt: skip
+        )
     return [t for stats in partial for t in stats] + list(grads)
 
 
@@ -481,10 +492,19 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     """Each S element and each gradient element is one FMA chain over k in a fixed order on
     every path (AVX-512, AVX2, portable std::fma), and the tile statistics are summed in
     the same order, so every output is bit-identical across paths. The shapes leave partial
-    micro blocks and panel slices on every path; the rows are a block of a bigger batch."""
+    micro blocks, panel slices and vector chunks on every path (D = 77, 211 rows, 333
+    columns); the rows are a block of a bigger batch, so the diagonal crosses tiles.
+
+    Where the CPU has no AVX-512, the AVX-512 source runs through SIMDe's portable AVX-512
+    intrinsics ("avx512-emulated"), so its packing, blocking and fold are checked too."""
     ops = cpu_ops()
     paths = torch.ops.selhn._cpu_simd_paths()
-    assert paths[-1] == "portable"
+    assert "portable" in paths
+    if "avx512" not in paths and "avx512-emulated" not in paths:
+        pytest.skip(
+            "the AVX-512 kernels cannot run here: the CPU has no AVX-512 and the build found "
+            "no SIMDe headers (Debian package libsimde-dev) to emulate it"
+        )
     batch, b, off = 333, 211, 61
     rows, cols, d, off, row_ids, col_ids = op_args(dtype, batch, 77, with_ids, off, b)
     gen = torch.Generator().manual_seed(12)
@@ -493,24 +513,39 @@ def test_every_simd_path_gives_the_same_bits(simd_path, dtype, with_ids):
     outputs = {}
     for path in paths:
         simd_path(path)
-        stats = ops.COMPILED_KERNELS.partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
-        out = [t for direction in stats for t in direction]
-        for fraction, merged in ((0.1, False), (0.7, True)):
-            gated_r, gated_c = (g < fraction for g in gates[merged])
-            assert regime_is_merged(b, batch, int(gated_r.sum()), int(gated_c.sum()))[0] == merged
+        for det in (False, True):
+            stats = ops.COMPILED_BACKEND.partials(
+                Block(rows, cols, d, off, row_ids, col_ids), MARGIN, deterministic=det
+            )
+            out = outputs.setdefault(path, [])
+            out += [t for direction in stats for t in direction]
+        for k, fraction in enumerate((0.1, 0.7)):
+            gated_r, gated_c = (g < fraction for g in gates[k])
             for deterministic in (False, True):
-                out += ops.COMPILED_KERNELS.dense_backward(
-                    rows, cols, d, off, row_ids, col_ids, MARGIN, coef_r.to(d.dtype),
-                    coef_c.to(d.dtype), gated_r, gated_c, deterministic=deterministic,
-                )  # fmt: skip
-        outputs[path] = out
-    for path in paths[:-1]:
+                out += ops.COMPILED_BACKEND.dense_backward(
+                    Block(rows, cols, d, off, row_ids, col_ids),
+                    MARGIN,
+                    GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
+                    deterministic=deterministic,
+                )
+    for path in paths:
         for k, (x, y) in enumerate(zip(outputs[path], outputs["portable"], strict=True)):
             assert torch.equal(x, y), f"{path} output {k} differs from the portable path"
     # The outputs are right, not only equal: the chunked kernels agree.
-    ref = ChunkedKernels(chunk_rows=32).partials(rows, cols, d, off, row_ids, col_ids, MARGIN)
+    ref = ChunkedBackend(chunk_rows=32).partials(
+        Block(rows, cols, d, off, row_ids, col_ids), MARGIN
+    )
     for got, want in zip((stats[0], stats[1]), ref, strict=True):
         assert_stats_equal(got, want, 1e-5 if dtype == torch.float32 else 1e-12)
+    grads = ChunkedBackend(chunk_rows=32).dense_backward(
+        Block(rows, cols, d, off, row_ids, col_ids),
+        MARGIN,
+        GatedAnchors(coef_r.to(d.dtype), coef_c.to(d.dtype), gated_r, gated_c),
+    )
+    for got, want in zip(out[-2:], grads, strict=True):
+        scale = want.abs().max().item()  # relative to the gradient's size (not all zero)
+        assert scale > 0
+        assert_close(got, want, (1e-5 if dtype == torch.float32 else 1e-12) * scale, "gradient")
     with pytest.raises(RuntimeError, match="not available"):
         simd_path("sse9")
 

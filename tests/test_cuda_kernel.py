@@ -14,8 +14,9 @@ import torch
 from conftest import require_backend
 
 from selhn_ext import selhn_loss
-from selhn_ext.kernel_interface import positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.backend("cuda")]
 
@@ -146,9 +147,9 @@ def test_cuda_row_block_matches_chunked(deterministic):
     off, b = 130, 197
     rows, row_ids = img[off : off + b], ids[off : off + b]
     d = positive_scores(img, txt)
-    args = (rows, txt, d, off, row_ids, ids, MARGIN)
-    got = _cpp.COMPILED_KERNELS.partials(*args, deterministic=deterministic)
-    ref = ChunkedKernels().partials(*args)
+    args = (Block(rows, txt, d, off, row_ids, ids), MARGIN)
+    got = _cpp.COMPILED_BACKEND.partials(*args, deterministic=deterministic)
+    ref = ChunkedBackend().partials(*args)
     for a, c in zip(got, ref, strict=True):
         assert torch.equal(a.arg, c.arg) and torch.equal(a.active, c.active)
         check_relative(a.max, c.max.double(), 1e-6, "max")
@@ -158,9 +159,9 @@ def test_cuda_row_block_matches_chunked(deterministic):
     coef_c = torch.rand(700, device="cuda", generator=gen)
     gated_r = torch.rand(b, device="cuda", generator=gen) < 0.3
     gated_c = torch.rand(700, device="cuda", generator=gen) < 0.3
-    full = (*args, coef_r, coef_c, gated_r, gated_c)
-    g_rows, g_cols = _cpp.COMPILED_KERNELS.dense_backward(*full, deterministic=deterministic)
-    r_rows, r_cols = ChunkedKernels().dense_backward(*full)
+    full = (*args, GatedAnchors(coef_r, coef_c, gated_r, gated_c))
+    g_rows, g_cols = _cpp.COMPILED_BACKEND.dense_backward(*full, deterministic=deterministic)
+    r_rows, r_cols = ChunkedBackend().dense_backward(*full)
     check_relative(g_rows, r_rows.double(), 1e-4, "grad rows")
     check_relative(g_cols, r_cols.double(), 1e-4, "grad cols")
 
@@ -172,7 +173,7 @@ def test_cuda_nan_propagates():
     img, txt = make_batch(130, 32, torch.float32, seed=2)
     img[3, 0] = float("nan")
     d = positive_scores(img, txt)
-    rows, cols = _cpp.COMPILED_KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+    rows, cols = _cpp.COMPILED_BACKEND.partials(Block(img, txt, d), MARGIN)
     assert torch.isnan(rows.max[3]) and rows.arg[3] == 0
     others = torch.arange(130, device="cuda") != 3
     assert torch.isnan(cols.max[others]).all() and (cols.arg[others] == 3).all()

@@ -195,6 +195,46 @@ def test_augment_tokens_determinism_and_options():
         TokenAugmentation(mask=0.5, replace=0.5, delete=0.5)
 
 
+def test_released_augmentation_rule_touches_every_position_and_any_id():
+    words = [f"w{i}" for i in range(40)]
+    vocab = Vocabulary.build([" ".join(words)])
+    released = TokenAugmentation(rule="released")
+    text = BiGRUText(vocab, [" ".join(words[:8])], released, tokenizer="regex")
+    assert text.augment_ends and np.array_equal(text.replacement_ids, np.arange(len(vocab)))
+    ids = text.ids[0]
+    starts = ends = replaced_special = 0
+    draws = 4000
+    for seed in range(draws):
+        out = text.item(0, np.random.default_rng(seed))
+        starts += out[0] != vocab.start_id
+        ends += out[-1] != vocab.end_id
+        replaced_special += int(np.isin(out[1:-1], [vocab.pad_id, vocab.unk_id]).sum())
+    # <start> and <end> are selected like any token: 20% masked, replaced or deleted (a
+    # deleted <start> leaves the first word first; a kept-by-chance equal id is rare).
+    assert abs(starts / draws - 0.2) < 0.03 and abs(ends / draws - 0.2) < 0.03
+    assert replaced_special > 0  # replacements may be any id, specials included
+    words_only = BiGRUText(vocab, [" ".join(words[:8])], TokenAugmentation(), tokenizer="regex")
+    for seed in range(200):
+        out = words_only.item(0, np.random.default_rng(seed))
+        assert out[0] == vocab.start_id and out[-1] == vocab.end_id
+    # Everything deleted: the caption stays as it was (the released code would fail on it).
+    delete_all = TokenAugmentation(select=1.0, mask=0.0, replace=0.0, delete=1.0)
+    out = augment_tokens(ids, np.random.default_rng(0), mask_id=4, replacement_ids=ids,
+                         augmentation=delete_all, keep_ends=False)  # fmt: skip
+    assert np.array_equal(out, ids)
+    with pytest.raises(ValueError, match="rule"):
+        TokenAugmentation(rule="bert")
+
+
+def test_bigru_text_uses_the_named_tokenizer():
+    vocab = Vocabulary.build(["a dog's t-shirt"], tokenizer="nltk")
+    assert vocab.idx2word[5:] == ["'s", "a", "dog", "t-shirt"]
+    text = BiGRUText(vocab, ["A dog's T-shirt"], augmentation=None, tokenizer="nltk")
+    assert vocab.decode(text.ids[0]) == ["<start>", "a", "dog", "'s", "t-shirt", "<end>"]
+    regex = BiGRUText(vocab, ["A dog's T-shirt"], augmentation=None)
+    assert vocab.decode(regex.ids[0])[2:5] == ["dog", "<unk>", "<unk>"]
+
+
 # ---------------------------------------------------------------- dataset and batches
 
 

@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from selhn_ext.kernel_interface import MODES, REDUCTIONS
+from selhn_ext.options import MODES, REDUCTIONS
 from selhn_ext.reference import Decisions, selhn_loss_reference
 
 SPAWN_TIMEOUT_S = 90  # per scenario; a hang fails the test instead of blocking the run
@@ -524,11 +524,11 @@ def _peak_growth(run) -> int:
 def _scenario_memory(rank: int, world: int, backend: str) -> dict:
     import selhn_ext.distributed as sd
     from selhn_ext import dispatch
-    from selhn_ext.reference import ChunkedKernels
+    from selhn_ext.chunked import ChunkedBackend
 
     # Row blocks of 32 rows: the backend's own panels (32 x N) stay far below one
     # b_r x N matrix, so any b_r x N or N x N buffer of the distributed layer would show.
-    dispatch._LOADED[backend] = ChunkedKernels(chunk_rows=32)
+    dispatch._LOADED[backend] = ChunkedBackend(chunk_rows=32)
     local, dim = 4096, 16
     total = local * world
     gen = torch.Generator().manual_seed(rank)

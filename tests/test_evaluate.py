@@ -7,13 +7,19 @@ import pytest
 import torch
 
 from rvsepp.evaluate import (
+    argsort_ranks_from_scores,
     encode_split,
     evaluate_split,
+    first_captions,
     fold5_metrics,
     fold_bounds,
+    format_report,
+    metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
+    retrieval_report,
 )
+from rvsepp.precomp import PrecompSplit
 
 KEYS = {f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")} | {"rsum"}
 
@@ -159,6 +165,117 @@ def test_fold5_is_the_mean_of_per_fold_metrics():
     for key in KEYS:
         assert fold[key] == pytest.approx(np.mean([m[key] for m in per_fold]))
     assert all(type(value) is float for value in fold.values())
+
+
+def released_ranks(sims: np.ndarray, img_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The released ``i2t`` / ``t2i`` loops, one query at a time: ``np.argsort`` of the
+    query's row (of ``sims``, or of the view ``sims.T``), reversed, then ``np.where`` for the
+    ground truth. Float ranks, as the released code keeps them."""
+    n_images, n_captions = sims.shape
+    i2t = np.zeros(n_images)
+    for image in range(n_images):
+        inds = np.argsort(sims[image])[::-1]
+        i2t[image] = min(np.where(inds == c)[0][0] for c in np.flatnonzero(img_index == image))
+    by_caption = sims.T
+    t2i = np.zeros(n_captions)
+    for caption in range(n_captions):
+        inds = np.argsort(by_caption[caption])[::-1]
+        t2i[caption] = np.where(inds == img_index[caption])[0][0]
+    return i2t, t2i
+
+
+def released_metrics(ranks: np.ndarray) -> tuple[float, ...]:
+    """The released summary of one direction's ranks."""
+    r1 = 100.0 * len(np.where(ranks < 1)[0]) / len(ranks)
+    r5 = 100.0 * len(np.where(ranks < 5)[0]) / len(ranks)
+    r10 = 100.0 * len(np.where(ranks < 10)[0]) / len(ranks)
+    return r1, r5, r10, np.floor(np.median(ranks)) + 1, ranks.mean() + 1
+
+
+@pytest.mark.parametrize(
+    ("n_images", "per_image", "levels", "contiguous"),
+    [(6, 5, 2, True), (40, 5, 3, True), (200, 5, 4, True), (30, 3, 2, False), (120, 1, 3, False)],
+)
+def test_argsort_ranks_equal_the_released_loops_on_tie_heavy_scores(
+    n_images, per_image, levels, contiguous
+):
+    rng = np.random.default_rng(n_images)
+    img_index = np.repeat(np.arange(n_images), per_image)
+    if not contiguous:
+        img_index = rng.permutation(img_index)
+    # Few distinct values: almost every score ties with many others.
+    sims = rng.integers(0, levels, size=(n_images, len(img_index))).astype(np.float64)
+    i2t, t2i = argsort_ranks_from_scores(sims, img_index)
+    expected_i2t, expected_t2i = released_ranks(sims, img_index)
+    assert np.array_equal(i2t, expected_i2t) and np.array_equal(t2i, expected_t2i)
+    # Through embeddings whose float64 product is exactly ``sims``, and the metrics bit for
+    # bit as the released code prints them.
+    metrics = retrieval_metrics(*as_embeddings(sims), img_index, rule="argsort")
+    for direction, ranks in (("i2t", expected_i2t), ("t2i", expected_t2i)):
+        ours = tuple(metrics[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+        assert ours == released_metrics(ranks)
+    # Ties count against the query in the pessimistic rule, so its ranks are never better.
+    pessimistic_i2t, pessimistic_t2i = retrieval_ranks(*as_embeddings(sims), img_index)
+    assert np.all(pessimistic_i2t >= i2t) and np.all(pessimistic_t2i >= t2i)
+    assert np.any(pessimistic_t2i > t2i)
+
+
+def test_metrics_are_computed_as_the_released_code_computes_them():
+    rng = np.random.default_rng(5)
+    ranks = rng.integers(0, 3000, size=25_000)  # long enough for numpy to sum in blocks
+    metrics = metrics_from_ranks(ranks[:5000], ranks)
+    assert tuple(metrics[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr")) == (
+        released_metrics(ranks.astype(np.float64))
+    )
+    assert metrics["rsum"] == sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+
+
+def test_rank_rules_agree_without_ties_and_the_report_names_them():
+    rng = np.random.default_rng(6)
+    img = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(50, 8))), dim=1)
+    txt = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(250, 8))), dim=1)
+    img_index = np.arange(250) // 5
+    report = retrieval_report(img.float(), txt.float(), img_index)
+    assert report["argsort"] == report["pessimistic"]
+    assert 0 < report["argsort"]["rsum"] < 600
+    fold = retrieval_report(img.float(), txt.float(), img_index, fold5=True)
+    assert fold["argsort"] == fold["pessimistic"]
+    # 5-fold argsort: each fold's released ranks, averaged.
+    per_fold = []
+    for start in range(0, 50, 10):
+        sims = img[start : start + 10].float().double().numpy() @ (
+            txt[start * 5 : (start + 10) * 5].float().double().numpy().T
+        )
+        per_fold.append(sum(released_metrics(r)[:3][k] for r in released_ranks(
+            sims, np.arange(50) // 5) for k in range(3)))  # fmt: skip
+    assert fold["argsort"]["rsum"] == pytest.approx(np.mean(per_fold), rel=1e-12)
+    table = format_report(report, "all images")
+    assert "argsort" in table and "pessimistic" in table and "published tables" in table
+    same = torch.full((20, 4), 0.5)  # collapsed: every score ties
+    tied = retrieval_report(same, same.repeat(5, 1), np.arange(100) // 5)
+    assert tied["pessimistic"]["rsum"] == 0.0 < tied["argsort"]["rsum"]
+
+
+def test_first_captions_is_the_released_dev_subset(tmp_path):
+    images = np.lib.format.open_memmap(
+        tmp_path / "dev_ims.npy", mode="w+", dtype=np.float32, shape=(30, 2, 3)
+    )
+    images[:] = np.arange(30, dtype=np.float32)[:, None, None]
+    images.flush()
+    images = np.load(tmp_path / "dev_ims.npy", mmap_mode="r")
+    split = PrecompSplit(images, [f"c{i}" for i in range(150)], np.arange(150) // 5, name="dev")
+    subset = first_captions(split, 50)
+    assert subset.captions == split.captions[:50] and subset.n_images == 10
+    assert np.array_equal(subset.img_index, np.arange(50) // 5)
+    assert isinstance(subset.images, np.memmap) and np.array_equal(subset.images, images[:10])
+    assert first_captions(split, 0) is split and first_captions(split, 150) is split
+    # An explicit caption-to-image index that skips rows: the rows used, re-indexed.
+    shuffled = PrecompSplit(images, split.captions, np.array([4, 4, 9, 2] + [0] * 146),
+                            image_names=[f"im{i}" for i in range(30)])  # fmt: skip
+    subset = first_captions(shuffled, 4)
+    assert subset.img_index.tolist() == [1, 1, 2, 0]
+    assert subset.images[:, 0, 0].tolist() == [2.0, 4.0, 9.0]
+    assert subset.image_names == ["im2", "im4", "im9"]
 
 
 def test_fold_bounds():

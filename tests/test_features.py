@@ -13,6 +13,7 @@ Image = pytest.importorskip("PIL.Image", reason="pip install 'selhn[rvsepp]' (Pi
 pytest.importorskip("tqdm", reason="pip install 'selhn[rvsepp]' (tqdm)")
 
 from rvsepp import features  # noqa: E402
+from rvsepp.atomic import is_temporary  # noqa: E402
 from rvsepp.features import (  # noqa: E402
     FEATURE_DIM,
     GRID,
@@ -34,6 +35,16 @@ SIDE = 24  # generated images are tiny; the encoder sees them at 224 px anyway
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (a temporary it left is stale)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def make_images(folder: Path) -> dict[str, Image.Image]:
@@ -400,7 +411,7 @@ def test_interrupted_run_resumes_to_identical_output(
     with pytest.raises(KeyboardInterrupt):
         extract_features(images, tsv, out, encoder=crashing, **options)
     assert not (out / "meta.json").exists()
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no torn temporaries
+    assert not [p for p in out.rglob("*") if is_temporary(p.name)]  # no torn temporaries
     assert (out / "train_ims.npy").exists() == train_done  # each split is written when done
     with pytest.raises(FeatureExtractionError, match="unfinished feature extraction.*--resume"):
         extract_features(images, tsv, out, encoder=inner, **options)
@@ -430,7 +441,8 @@ def test_resume_redoes_a_corrupt_shard_and_rejects_other_inputs(dataset, tmp_pat
     shards = sorted((out / STATE_DIR).glob("train_*.npy"))
     assert len(shards) == 3
     shards[1].write_bytes(b"corrupted by a disk error")
-    (out / STATE_DIR / "train_000000003.npy.tmp-999").write_bytes(b"left by a crash")
+    left = out / STATE_DIR / f".train_000000003.npy.{dead_pid()}-abcdef.tmp"
+    left.write_bytes(b"left by a crash")
 
     with pytest.raises(FeatureExtractionError, match="plan.json: the unfinished extraction"):
         extract_features(
@@ -536,8 +548,8 @@ def test_process_killed_mid_write_resumes(dataset, tmp_path: Path) -> None:
     script = [sys.executable, "-c", KILLED_RUN, str(images), str(tsv), str(out)]
     done = subprocess.run([*script, str(Path(__file__).parent)], env=env, timeout=120)
     assert done.returncode == -signal.SIGKILL
-    torn = [p.name for p in (out / STATE_DIR).iterdir() if ".tmp-" in p.name]
-    assert len(torn) == 1 and torn[0].startswith("train_000000002.npy")  # the second shard
+    torn = [p.name for p in (out / STATE_DIR).iterdir() if is_temporary(p.name)]
+    assert len(torn) == 1 and torn[0].startswith(".train_000000002.npy.")  # the second shard
 
     counting = CountingEncoder(fake_encoder)
     summary = extract_features(images, tsv, out, resume=True, encoder=counting, **options)

@@ -187,6 +187,57 @@ def test_image_encoder_batchnorm_statistics_exclude_padding():
     assert torch.allclose(batchnorm.running_mean, expected, atol=ATOL)
 
 
+def released_style_image_encoder(encoder: ImageEncoder, regions, lengths, batchnorm):
+    """The released RVSE++ / VSE-infinity image encoder's forward, written as that code
+    does it: every layer on the whole zero-padded (N, K, F) tensor, the MLP through a
+    plain ``BatchNorm1d`` over all N * K rows, GPO masking the padding afterwards."""
+    import torch.nn.functional as F
+
+    batch, width, _ = regions.shape
+    features = encoder.fc(regions)
+    mlp_input = features if encoder.mlp_kind == "residual" else regions
+    x = mlp_input.reshape(batch * width, -1)
+    x = F.relu(batchnorm(encoder.mlp[0](x)))
+    x = encoder.mlp[3](x).view(batch, width, -1)
+    pooled = encoder.gpo(x + features, lengths)
+    return pooled / (pooled.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+@pytest.mark.parametrize("mlp", ["residual", "parallel"])
+def test_image_encoder_padded_batchnorm_equals_plain_batchnorm_over_the_padded_tensor(mlp):
+    import copy
+
+    torch.manual_seed(4)
+    encoder = ImageEncoder(7, 10, 4, 4, bn_stats="padded", mlp=mlp).train()
+    with torch.no_grad():
+        encoder.fc.bias.uniform_(-1, 1)  # padded rows enter the statistics as fc(0) = bias
+    lengths = torch.tensor([5, 2, 3, 5])
+    regions = torch.randn(4, 5, 7)
+    for row, length in enumerate(lengths.tolist()):
+        regions[row, length:] = 0.0  # collate's zero padding
+    plain = copy.deepcopy(encoder.mlp[1])
+    assert type(plain) is torch.nn.BatchNorm1d
+    for _ in range(3):  # the running statistics follow too, step after step
+        ours = encoder(regions, lengths)
+        expected = released_style_image_encoder(encoder, regions, lengths, plain)
+        # Unit vectors computed by the same operations: equal to float32 rounding.
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(encoder.mlp[1], name), getattr(plain, name)), name
+        regions = regions.roll(1, dims=0)
+        lengths = lengths.roll(1)
+    # The padded rows really move the statistics: the valid-regions rule differs.
+    valid = ImageEncoder(7, 10, 4, 4, bn_stats="valid", mlp=mlp).train()
+    valid.load_state_dict(encoder.state_dict())
+    assert (valid(regions, lengths) - encoder(regions, lengths)).abs().max() > 1e-3
+    # Eval mode: running statistics per region, so both rules agree.
+    valid.load_state_dict(encoder.state_dict())
+    valid.eval()
+    encoder.eval()
+    torch.testing.assert_close(valid(regions, lengths), encoder(regions, lengths), rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+
+
 def test_bigru_encoder_shapes_init_and_padding_invariance():
     torch.manual_seed(4)
     encoder = BiGRUTextEncoder(vocab_size=30, word_dim=6, embed_dim=10).eval()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from selhn_ext import selhn_loss
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 MODES = ["selhn", "hardest", "all", "sum_hinges"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -90,7 +91,7 @@ def test_chunked_equals_reference(batch, dim, mode, with_ids, monkeypatch):
     # A block smaller than B, so column statistics are merged across blocks.
     from selhn_ext import dispatch
 
-    monkeypatch.setitem(dispatch._LOADED, "chunked", ChunkedKernels(chunk_rows=5))
+    monkeypatch.setitem(dispatch._LOADED, "chunked", ChunkedBackend(chunk_rows=5))
     img, txt = random_batch(batch, dim, seed=batch + 100 * dim, collapse=0.5)
     ids = some_ids(batch, seed=batch + 1) if with_ids else None
     for reduction in REDUCTIONS:

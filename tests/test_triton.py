@@ -21,8 +21,10 @@ import torch
 from conftest import require_backend
 
 import selhn_ext
-from selhn_ext.kernel_interface import positive_scores
-from selhn_ext.reference import ChunkedKernels, Decisions, selhn_loss_reference
+from selhn_ext import dispatch
+from selhn_ext.chunked import ChunkedBackend
+from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.reference import Decisions, selhn_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MARGIN, EPS = 0.2, 0.01
@@ -40,6 +42,12 @@ def _kernels():
     from selhn_ext import _triton
 
     return _triton
+
+
+def triton_backend():
+    """The Triton backend object of the variant in use."""
+    _kernels()
+    return dispatch.backend("triton")
 
 
 @contextlib.contextmanager
@@ -64,19 +72,14 @@ def tile_counter():
 
 
 @contextlib.contextmanager
-def backward_path(path, panel_size=None):
-    """Select the dense backward ("tiles" or "panel") and, for "panel", optionally P."""
+def panels(size):
+    """The backward's P (gated anchors per panel), so that small batches span several."""
     triton_mod = _kernels()
-    triton_mod.testing.backward = path
-    triton_mod.testing.panel_size = panel_size
+    triton_mod.testing.panel_size = size
     try:
         yield
     finally:
-        triton_mod.testing.backward = None
         triton_mod.testing.panel_size = None
-
-
-PATHS = ("tiles", "panel")
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -222,16 +225,14 @@ def _case_id(case):
         f"{layout}{'-det' if det else ''}"  # fmt: skip
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_matches_reference(case, path):
+def test_matches_reference(case):
     mode, reduction, batch, dim, dtype, with_ids, kind, layout, deterministic = case
     require_backend("triton", DEVICE, dtype)
     seed = batch * 1000 + dim
     img, txt = make_batch(batch, dim, dtype, kind, seed, layout)
     ids = make_ids(batch, seed) if with_ids else None
-    with backward_path(path):
-        stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
+    stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
     if mode == "selhn" and kind == "collapsed" and not with_ids:
         assert stats.gated.all()  # the batch does exercise the dense path
     if mode == "selhn" and kind == "spread" and dim >= 96:
@@ -281,14 +282,14 @@ def test_partials_match_chunked_with_row_offset(dtype):
     """The distributed form of the interface: b < N rows starting at row_offset, with ids.
     Hardest indices and active counts are exact wherever the fp64 decision is clear; the
     maxima and sums match the chunked kernels to float rounding."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     img, txt = make_batch(300, 40, dtype, "half", 11)
     rows, cols = img.detach()[70:230], txt.detach()
     ids = make_ids(300, 11)
     d = positive_scores(img.detach(), txt.detach())
-    got = triton_mod.KERNELS.partials(rows, cols, d, 70, ids[70:230], ids, MARGIN)
-    want = ChunkedKernels().partials(rows, cols, d, 70, ids[70:230], ids, MARGIN)
+    got = triton_backend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
+    want = ChunkedBackend().partials(Block(rows, cols, d, 70, ids[70:230], ids), MARGIN)
     expected = clear_decisions(rows, cols, d, 70, ids[70:230], ids, MARGIN)
     for g, w, (arg, clear_arg, active, clear_active) in zip(got, want, expected, strict=True):
         torch.testing.assert_close(g.max, w.max, rtol=0, atol=1e-5)
@@ -323,7 +324,7 @@ def test_masked_tile_count_matches_a_brute_force_count():
 def test_descriptor_and_pointer_loads_give_the_same_bits(dtype):
     """Contiguous inputs are read through tensor descriptors, strided ones through
     pointers: the same S tiles, so the same statistics bit for bit (deterministic sums)."""
-    triton_mod = _kernels()
+    _kernels()
     from selhn_ext._triton.config import tma_allowed
 
     img, txt = make_batch(300, 40, dtype, "half", 13)
@@ -333,8 +334,8 @@ def test_descriptor_and_pointer_loads_give_the_same_bits(dtype):
     ids = make_ids(300, 13)
     for with_ids in (None, ids):
         got = [
-            triton_mod.KERNELS.partials(a.detach(), b.detach(), d, 0, with_ids, with_ids,
-                                        MARGIN, deterministic=True)
+            triton_backend().partials(Block(a.detach(), b.detach(), d, 0, with_ids, with_ids),
+                                      MARGIN, deterministic=True)
             for a, b in ((img, txt), (wide_img, wide_txt))
         ]  # fmt: skip
         for one, other in zip(*got, strict=True):
@@ -367,7 +368,7 @@ def test_exact_fixup_for_infinite_and_extreme_values(case):
     """Extreme scores, positive scores and margins come out as the chunked kernels' on
     every tile path (fp32: 64 x 64 tiles, interior and masked ones): the fast epilogue
     where it is exact, the exact fix-up where it is not."""
-    triton_mod = _kernels()
+    _kernels()
     img, txt = extreme_scores(case)
     scores = img @ txt.T
     assert not scores.isnan().any()
@@ -377,8 +378,8 @@ def test_exact_fixup_for_infinite_and_extreme_values(case):
         assert scores.isneginf().sum() == 1 and torch.isneginf(scores[30, 30])
     d = positive_scores(img, txt)
     margin = float("inf") if case == "margin_inf" else MARGIN
-    got = triton_mod.KERNELS.partials(img, txt, d, 0, None, None, margin)
-    want = ChunkedKernels().partials(img, txt, d, 0, None, None, margin)
+    got = triton_backend().partials(Block(img, txt, d, 0, None, None), margin)
+    want = ChunkedBackend().partials(Block(img, txt, d, 0, None, None), margin)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.max, w.max, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(g.arg, w.arg)
@@ -390,7 +391,7 @@ def test_exact_fixup_for_infinite_and_extreme_values(case):
 def test_exact_ties_zero_signs_and_eps():
     """img = I makes S = txt.T exact: ties go to the smallest index, -0.0 ties +0.0,
     and a gap exactly at eps is not gated."""
-    triton_mod = _kernels()
+    _kernels()
     batch = 6
     img = torch.eye(batch, device=DEVICE)
     s = torch.full((batch, batch), -0.5)
@@ -401,7 +402,7 @@ def test_exact_ties_zero_signs_and_eps():
     s[2, 5] = 0.0
     txt = s.T.contiguous().to(DEVICE)
     d = positive_scores(img, txt)
-    row, col = triton_mod.KERNELS.partials(img, txt, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(img, txt, d), MARGIN)
     assert row.arg[0].item() == 2 and col.arg[1].item() == 3
     assert row.arg[2].item() == 3 and row.max[2].item() == 0.0
     assert not torch.signbit(row.max[2]).item()
@@ -417,13 +418,13 @@ def test_exact_ties_zero_signs_and_eps():
 
 
 def test_nan_propagates_to_max_index_and_sums():
-    triton_mod = _kernels()
+    _kernels()
     img, txt = make_batch(130, 24, torch.float32, "spread", 3)
     rows, cols = img.detach().clone(), txt.detach().clone()
     rows[5, 3] = float("nan")
     d = positive_scores(rows, cols)
-    row, col = triton_mod.KERNELS.partials(rows, cols, d, 0, None, None, MARGIN)
-    want_row, want_col = ChunkedKernels().partials(rows, cols, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
+    want_row, want_col = ChunkedBackend().partials(Block(rows, cols, d), MARGIN)
     assert torch.isnan(row.max[5]) and row.arg[5].item() == want_row.arg[5].item()
     assert torch.isnan(row.hinge_sum[5])
     # Every column sees the NaN of row 5 (all but column 5 as a valid negative).
@@ -435,71 +436,189 @@ def test_nan_propagates_to_max_index_and_sums():
     assert torch.isnan(loss)
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda t: str(t).removeprefix("torch."))
-def test_backward_recomputes_the_forward_active_set(dtype, path):
+def test_backward_recomputes_the_forward_active_set(dtype):
     """With coefficient 1 and a constant-1 embedding column, the recomputed activity of
     each gated anchor sums to exactly the forward's active count."""
-    triton_mod = _kernels()
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     img, txt = make_batch(200, 48, dtype, "half", 5)
     rows, cols = img.detach().clone(), txt.detach().clone()
     cols[:, 0] = 1.0
     rows[:, 1] = 1.0
     d = positive_scores(rows, cols)
-    row, col = triton_mod.KERNELS.partials(rows, cols, d, 0, None, None, MARGIN)
+    row, col = triton_backend().partials(Block(rows, cols, d), MARGIN)
     ones = torch.ones(200, device=DEVICE)
     yes = torch.ones(200, dtype=torch.bool, device=DEVICE)
     no = torch.zeros_like(yes)
-    # P = 128: the panel path spans two panels on each side.
-    with backward_path(path, panel_size=128 if path == "panel" else None):
-        grad_rows, _ = triton_mod.KERNELS.dense_backward(
-            rows, cols, d, 0, None, None, MARGIN, ones, ones, yes, no
+    with panels(128):  # two panels on each side
+        grad_rows, _ = triton_backend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, yes, no)
         )
-        _, grad_cols = triton_mod.KERNELS.dense_backward(
-            rows, cols, d, 0, None, None, MARGIN, ones, ones, no, yes
+        _, grad_cols = triton_backend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(ones, ones, no, yes)
         )
     assert torch.equal(grad_rows[:, 0], row.active.float())
     assert torch.equal(grad_cols[:, 1], col.active.float())
     assert row.active.min() < row.active.max()  # not a trivial all-or-nothing set
 
 
+def grid_block(batch, dim, dtype, seed, b=None, offset=0):
+    """(rows, cols, col_pos in fp64) with entries on a grid of 1/8 and rows close to their
+    positives: every score and hinge argument is exact in every dtype and summation
+    order, so the active set is the fp64 one."""
+    gen = torch.Generator().manual_seed(seed)
+    b = batch if b is None else b
+    cols = (torch.randint(-2, 3, (batch, dim), generator=gen) / 8).to(dtype)
+    noise = (torch.randint(-1, 2, (b, dim), generator=gen) / 8).to(dtype)
+    rows = cols[offset : offset + b] + noise
+    col_pos = positive_scores(cols.double(), cols.double())
+    col_pos[offset : offset + b] = positive_scores(
+        rows.double(), cols[offset : offset + b].double()
+    )
+    return rows, cols, col_pos
+
+
+def scattered(count, total, gen):
+    """A bool mask with ``count`` True entries at random positions."""
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=gen)[:count]] = True
+    return mask
+
+
+def expected_tiles(b, n_cols, dim, gated_rows, gated_cols, cfg):
+    """S tiles the backward recomputes: per panel of P gated anchors, the gated rows'
+    blocks against every column block (part A) and the other rows' blocks against the
+    gated columns' blocks (part B)."""
+    from selhn_ext._triton import backward
+
+    size = backward.panel_size(dim, max(b, n_cols))
+    tiles = 0
+    for start in range(0, max(b, n_cols), size):
+        in_a = min(max(gated_rows - start, 0), size)
+        in_b = min(max(gated_cols - start, 0), size) if gated_rows < b else 0
+        tiles += math.ceil(in_a / cfg.BM) * math.ceil(n_cols / cfg.BN)
+        tiles += math.ceil(in_b / cfg.BN) * math.ceil((b - gated_rows) / cfg.BM)
+    return tiles
+
+
 @pytest.mark.parametrize(
-    ("path", "deterministic"), [("tiles", False), ("tiles", True), ("panel", False)]
+    ("row_fraction", "col_fraction", "panel"),
+    [(0.01, 0.01, None), (0.3, 0.3, None), (0.3, 0.3, 128), (1.0, 0.3, None), (1.0, 1.0, 128)],
 )
-def test_recomputed_tile_count(path, deterministic):
+def test_each_touched_tile_is_recomputed_once(row_fraction, col_fraction, panel):
+    """Scattered gated anchors: the backward recomputes exactly the tiles of the gated
+    rows (against every column) and of the other rows against the gated columns, each
+    once, fewer than S has whenever not every row is gated; and the gradient is right."""
     triton_mod = _kernels()
-    dtype = torch.float32
-    cfg = triton_mod.CONFIGS[dtype]
-    batch = 300
+    cfg = triton_mod.CONFIGS[F32]
+    batch, dim = 300, 24
+    gen = torch.Generator().manual_seed(31)
+    rows, cols, col_pos = grid_block(batch, dim, F32, 31)
+    row_gated = scattered(max(1, round(row_fraction * batch)), batch, gen)
+    col_gated = scattered(max(1, round(col_fraction * batch)), batch, gen)
+    row_coef, col_coef = torch.randn(batch, generator=gen), torch.randn(batch, generator=gen)
+    on_device = [t.to(DEVICE) for t in (rows, cols, col_pos.float())]
+    gated = GatedAnchors(*(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated)))
+    with tile_counter() as counter, panels(panel):
+        got = triton_backend().dense_backward(Block(*on_device), 0.25, gated)
+        want = expected_tiles(batch, batch, dim, int(row_gated.sum()), int(col_gated.sum()), cfg)
+    count = int(counter.item())
+    every_tile = math.ceil(batch / cfg.BM) * math.ceil(batch / cfg.BN)
+    assert count == want
+    if row_fraction < 1:
+        assert count < every_tile
+    else:  # every row gated: every tile once, none twice
+        assert count == every_tile
+    reference = ChunkedBackend().dense_backward(
+        Block(rows.double(), cols.double(), col_pos), 0.25,
+        GatedAnchors(row_coef.double(), col_coef.double(), row_gated, col_gated),
+    )  # fmt: skip
+    for g, w in zip(got, reference, strict=True):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=1e-5 * w.abs().max())
 
-    def run(kind, mode):
-        img, txt = make_batch(batch, 96, dtype, kind, 21)
-        with tile_counter() as counter, backward_path(path):
-            loss, stats = selhn_ext.selhn_loss(
-                img, txt, mode=mode, backend="triton", deterministic=deterministic,
-                return_stats=True,
+
+def test_no_gated_anchor_recomputes_no_tile():
+    triton_mod = _kernels()
+    img, txt = make_batch(300, 96, F32, "spread", 21)
+    with tile_counter() as counter:
+        loss, stats = selhn_ext.selhn_loss(img, txt, backend="triton", return_stats=True)
+        loss.backward()
+    assert not stats.gated.any() and int(counter.item()) == 0
+    img, txt = make_batch(300, 96, F32, "half", 21)
+    with tile_counter() as counter:
+        selhn_ext.selhn_loss(img, txt, mode="hardest", backend="triton").backward()
+    assert int(counter.item()) == 0
+    assert triton_mod.testing.tile_counter is None
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=lambda t: str(t).removeprefix("torch."))
+def test_uniform_coefficients_are_exact_in_16_bit(dtype):
+    """Equal coefficients (the mean reduction without ids) make W / scale 0, 1 or 2, exact
+    in 16 bits: with grid inputs and a power-of-two coefficient every sum is exact, so the
+    gradients equal the fp64 ones bit for bit; with any other coefficient only the final
+    fp32 roundings remain (a 16-bit W would be off by about 2**-9)."""
+    _kernels()
+    require_backend("triton", DEVICE, dtype)
+    gen = torch.Generator().manual_seed(8)
+    batch, dim = 260, 40
+    rows, cols, col_pos = grid_block(batch, dim, dtype, 8)
+    row_gated, col_gated = scattered(90, batch, gen), scattered(120, batch, gen)
+    for coef, tol in ((2.0**-10, 0.0), (1 / (2 * batch * (batch - 1)), 1e-6)):
+        coefs = torch.full((batch,), coef)
+        want = ChunkedBackend().dense_backward(
+            Block(rows.double(), cols.double(), col_pos.double()), 0.25,
+            GatedAnchors(coefs.double(), coefs.double(), row_gated, col_gated),
+        )  # fmt: skip
+        with panels(128):
+            got = triton_backend().dense_backward(
+                Block(*(t.to(DEVICE) for t in (rows, cols, col_pos))), 0.25,
+                GatedAnchors(*(t.to(DEVICE) for t in (coefs, coefs, row_gated, col_gated))),
             )  # fmt: skip
-            loss.backward()
-        return int(counter.item()), stats
+        for g, w in zip(got, want, strict=True):
+            assert w.abs().max() > 0
+            if tol == 0:
+                assert torch.equal(g.cpu(), w.float())
+            else:
+                torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=tol * w.abs().max())
 
-    count, stats = run("spread", "selhn")
-    assert not stats.gated.any()
-    assert count == 0
-    count, _ = run("half", "hardest")
-    assert count == 0
 
-    count, stats = run("half", "selhn")
-    g_rows, g_cols = (int(v) for v in stats.gated.sum(dim=1))
-    assert 0 < g_rows < batch and 0 < g_cols < batch
-    bound = math.ceil(g_rows / cfg.BM) * math.ceil(batch / cfg.BN) + math.ceil(
-        g_cols / cfg.BN
-    ) * math.ceil(batch / cfg.BM)
-    # The deterministic tiles backward recomputes each gated tile twice (one pass per
-    # gradient); the panel backward once per side, in its activity kernel.
-    assert 0 < count <= bound * (2 if deterministic else 1)
-    if path == "panel":  # every gated block against every block of the other side
-        assert count == bound
+def test_compaction_orders_counts_and_scale():
+    """Several blocks per side: gated anchors first in order, then the others from the
+    back; the counts; the scale is the largest finite |coefficient| of a gated anchor,
+    and the weights are the gated coefficients over it (exactly 1 for the largest)."""
+    _kernels()
+    from selhn_ext._triton import backward
+
+    gen = torch.Generator().manual_seed(4)
+    b, n_cols = 2500, 1100
+    row_gated = torch.rand(b, generator=gen) < 0.3
+    col_gated = torch.rand(n_cols, generator=gen) < 0.6
+    row_coef = torch.randn(b, generator=gen)
+    col_coef = torch.randn(n_cols, generator=gen)
+    row_coef[~row_gated] = 100.0  # not gated: left out of the scale
+    gated_cols = col_gated.nonzero().flatten()
+    col_coef[gated_cols[:2]] = torch.tensor([float("nan"), float("-inf")])
+    *orders, row_weight, col_weight, state = backward.compact(
+        *(t.to(DEVICE) for t in (row_gated, col_gated, row_coef, col_coef)), launches=3
+    )
+    state = state.cpu()
+    for gated, order, count in zip((row_gated, col_gated), orders, state[:2], strict=True):
+        order = order.cpu().long()
+        assert count.item() == gated.sum().item()
+        assert torch.equal(order[: gated.sum()], gated.nonzero().flatten())
+        assert torch.equal(order[gated.sum() :], (~gated).nonzero().flatten().flip(0))
+    scale = col_coef[gated_cols[2:]].abs().max().maximum(row_coef[row_gated].abs().max())
+    assert state[2:3].view(torch.float32).item() == scale.item()
+    assert torch.equal(state[4:], torch.zeros(3, dtype=torch.int32))
+    for weight, coef, gated in (
+        (row_weight, row_coef, row_gated),
+        (col_weight, col_coef, col_gated),
+    ):  # NaN stays NaN, -inf stays -inf
+        want = torch.where(gated, coef / scale, 0.0)
+        torch.testing.assert_close(weight.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    largest = torch.cat([row_weight.cpu(), col_weight.cpu()[gated_cols[2:]]]).abs().max()
+    assert largest.item() == 1.0
 
 
 def _outputs(img, txt, deterministic):
@@ -511,46 +630,32 @@ def _outputs(img, txt, deterministic):
     return loss.detach().clone(), img.grad.clone(), txt.grad.clone()
 
 
-def test_deterministic_mode_is_order_free_and_atomics_are_not():
-    """Reversing the order in which programs run must not change a bit in deterministic
-    mode; under the interpreter (programs run one by one) the float atomics of the
-    default mode do change bits for these inputs (many blocks summed per anchor)."""
+def test_backward_is_order_free_and_forward_atomics_are_not():
+    """Reversing the order in which programs run and claim work changes no bit of the
+    gradients in either mode: the backward has no float atomics (P = 128, so 300 gated
+    anchors per side span three panels). It changes no bit of the loss in deterministic
+    mode; under the interpreter (programs run one by one) the forward's float atomics of
+    the default mode do change bits of the loss (many blocks summed per anchor)."""
     _kernels()
     img, txt = make_batch(300, 16, torch.float32, "half", 9)
+    results = {}
     for deterministic in (True, False):
-        forward_order = _outputs(img, txt, deterministic)
-        with reversed_blocks():
-            reverse_order = _outputs(img, txt, deterministic)
-        same = [torch.equal(a, b) for a, b in zip(forward_order, reverse_order, strict=False)]
+        with panels(128):
+            forward_order = _outputs(img, txt, deterministic)
+            with reversed_blocks():
+                reverse_order = _outputs(img, txt, deterministic)
+        assert torch.equal(forward_order[1], reverse_order[1])
+        assert torch.equal(forward_order[2], reverse_order[2])
+        assert forward_order[1].abs().max() > 0  # a real gradient was compared
         if deterministic:
-            assert all(same)
+            assert torch.equal(forward_order[0], reverse_order[0])
         elif DEVICE == "cpu":
-            assert not all(same)
-        for a, b in zip(forward_order, reverse_order, strict=False):  # different bits, same values
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_panel_backward_is_order_free_across_panels():
-    """The panel backward has no float atomics: reversing the program order changes no
-    bit of the gradients even with deterministic=False, here with P = 128 so that 300
-    gated anchors per side accumulate over three panels. Its values match the tiles
-    backward's."""
-    _kernels()
-    img, txt = make_batch(300, 16, torch.float32, "half", 9)
-    with backward_path("panel", panel_size=128):
-        forward_order = _outputs(img, txt, False)
-        with reversed_blocks():
-            reverse_order = _outputs(img, txt, False)
-    # The gradients: bitwise. The loss comes from the forward, whose float atomics
-    # (deterministic=False) may sum the hinges in another order.
-    assert torch.equal(forward_order[1], reverse_order[1])
-    assert torch.equal(forward_order[2], reverse_order[2])
-    torch.testing.assert_close(forward_order[0], reverse_order[0], rtol=1e-5, atol=1e-6)
-    with backward_path("tiles"):
-        tiles = _outputs(img, txt, True)
-    for a, b in zip(forward_order, tiles, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert forward_order[1].abs().max() > 0  # a real gradient was compared
+            assert not torch.equal(forward_order[0], reverse_order[0])
+        torch.testing.assert_close(forward_order[0], reverse_order[0], rtol=1e-5, atol=1e-6)
+        results[deterministic] = forward_order
+    # The deterministic flag costs the backward nothing: the same gradients, bit for bit.
+    assert torch.equal(results[True][1], results[False][1])
+    assert torch.equal(results[True][2], results[False][2])
 
 
 # Several panels per side (P = 128 < gated anchors): the sums over panels of the other
@@ -563,48 +668,43 @@ PANEL_CASES = [
 
 
 @pytest.mark.parametrize("case", PANEL_CASES, ids=[_case_id(c) for c in PANEL_CASES])
-def test_panel_backward_across_panels_matches_reference(case):
+def test_backward_across_panels_matches_reference(case):
     mode, reduction, batch, dim, dtype, with_ids, kind, layout, deterministic = case
     require_backend("triton", DEVICE, dtype)
     seed = batch * 1000 + dim + 1
     img, txt = make_batch(batch, dim, dtype, kind, seed, layout)
     ids = make_ids(batch, seed) if with_ids else None
-    with backward_path("panel", panel_size=128):
+    with panels(128):
         stats = check_against_reference(img, txt, ids, mode, reduction, deterministic, seed)
     assert (stats.gated.sum(dim=1) > 128).all()  # more gated anchors than one panel
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda t: str(t).removeprefix("torch."))
-def test_dense_backward_with_row_offset(dtype, path):
+def test_dense_backward_with_row_offset(dtype):
     """The distributed form of dense_backward: b < N rows at row_offset, with ids, random
-    signed coefficients, half the anchors of each side gated. Entries on a grid of 1/8
-    and a dyadic margin make every score and hinge argument exact in every dtype and
-    summation order, so the active set is the fp64 one and only the products round."""
-    triton_mod = _kernels()
+    signed coefficients (W rounds to the input dtype), half the anchors of each side gated,
+    two panels. Grid inputs make the active set the fp64 one; only the products round."""
+    _kernels()
     require_backend("triton", DEVICE, dtype)
     gen = torch.Generator().manual_seed(17)
     batch, dim, offset, b = 300, 40, 70, 160
-    cols = (torch.randint(-2, 3, (batch, dim), generator=gen) / 8).to(dtype)
-    rows = cols[offset : offset + b] + (torch.randint(-1, 2, (b, dim), generator=gen) / 8).to(dtype)
+    rows, cols, col_pos = grid_block(batch, dim, dtype, 17, b=b, offset=offset)
     ids = make_ids(batch, 17)
     row_coef = torch.randn(b, generator=gen)
     col_coef = torch.randn(batch, generator=gen)
     row_gated = torch.rand(b, generator=gen) < 0.5
     col_gated = torch.rand(batch, generator=gen) < 0.5
     margin = 0.25
-    d = positive_scores(rows.double(), cols[offset : offset + b].double())
-    col_pos = positive_scores(cols.double(), cols.double())
-    col_pos[offset : offset + b] = d
-    want = ChunkedKernels().dense_backward(
-        rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
-        ids.cpu(), margin, row_coef.double(), col_coef.double(), row_gated, col_gated,
+    want = ChunkedBackend().dense_backward(
+        Block(rows.double(), cols.double(), col_pos, offset, ids[offset : offset + b].cpu(),
+              ids.cpu()),
+        margin, GatedAnchors(row_coef.double(), col_coef.double(), row_gated, col_gated),
     )  # fmt: skip
-    args = [t.to(DEVICE) for t in (rows, cols, col_pos.float())]
-    with backward_path(path, panel_size=128 if path == "panel" else None):
-        got = triton_mod.KERNELS.dense_backward(
-            *args, offset, ids[offset : offset + b], ids, margin,
-            *(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated)),
+    rows, cols, col_pos = (t.to(DEVICE) for t in (rows, cols, col_pos.float()))
+    with panels(128):
+        got = triton_backend().dense_backward(
+            Block(rows, cols, col_pos, offset, ids[offset : offset + b], ids), margin,
+            GatedAnchors(*(t.to(DEVICE) for t in (row_coef, col_coef, row_gated, col_gated))),
         )  # fmt: skip
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
@@ -613,11 +713,10 @@ def test_dense_backward_with_row_offset(dtype, path):
         torch.testing.assert_close(g.double().cpu(), w, rtol=0, atol=GRAD_TOL[dtype] * scale)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_dense_backward_propagates_nan(path):
+def test_dense_backward_propagates_nan():
     """A NaN entry in one column reaches the gradient entries that the reference's
     W @ cols and W.T @ rows reach (0 * NaN included), gated or not, with no host check."""
-    triton_mod = _kernels()
+    _kernels()
     gen = torch.Generator().manual_seed(3)
     rows = _unit(torch.randn(200, 24, generator=gen))
     cols = rows + 0.1 * torch.randn(200, 24, generator=gen)
@@ -628,33 +727,40 @@ def test_dense_backward_propagates_nan(path):
     for nan_column_gated in (True, False):
         col_gated = torch.rand(200, generator=gen) < 0.5
         col_gated[5] = nan_column_gated
-        args = (rows, cols, d, 0, None, None, MARGIN, coef, coef, row_gated, col_gated)
-        want = ChunkedKernels().dense_backward(*args)
-        with backward_path(path, panel_size=128 if path == "panel" else None):
-            got = triton_mod.KERNELS.dense_backward(*(
-                t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in args
-            ))  # fmt: skip
+        tensors = (rows, cols, d, coef, coef, row_gated, col_gated)
+        want = ChunkedBackend().dense_backward(
+            Block(rows, cols, d), MARGIN, GatedAnchors(*tensors[3:])
+        )
+        on_device = [t.to(DEVICE) for t in tensors]
+        with panels(128):
+            got = triton_backend().dense_backward(
+                Block(*on_device[:3]), MARGIN, GatedAnchors(*on_device[3:])
+            )
         assert torch.isnan(got[0]).any()
         for g, w in zip(got, want, strict=True):
             assert torch.equal(torch.isnan(g).cpu(), torch.isnan(w))
 
 
-def test_backward_path_switches():
-    triton_mod = _kernels()
-    from selhn_ext._triton import backward, config
+def test_backward_variant_and_panel_switches():
+    _kernels()
+    from selhn_ext._triton import VARIANTS, TritonBackend, backward
 
-    assert config.BACKWARD_PATH == os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
-    with backward_path("panel"):
-        assert config.backward_path() == "panel"
+    # dispatch lists the variants the backend implements, the default first.
+    assert dispatch.REGISTRY["triton"].variants == VARIANTS == ("panels",)
+    assert dispatch.variant("triton") == os.environ.get("SELHN_TRITON_BACKWARD", "panels")
+    assert triton_backend().variant == dispatch.variant("triton")
     img, txt = make_batch(20, 16, torch.float32, "collapsed", 2)
     d = positive_scores(img.detach(), txt.detach())
     coef = torch.ones(20, device=DEVICE)
     gated = torch.ones(20, dtype=torch.bool, device=DEVICE)
-    args = (img.detach(), txt.detach(), d, 0, None, None, MARGIN, coef, coef, gated, gated)
-    with backward_path("neither"), pytest.raises(ValueError, match="backward path"):
-        triton_mod.KERNELS.dense_backward(*args)
-    with backward_path("panel", panel_size=100), pytest.raises(ValueError, match="multiple"):
-        triton_mod.KERNELS.dense_backward(*args)
+    args = (Block(img.detach(), txt.detach(), d), MARGIN, GatedAnchors(coef, coef, gated, gated))
+    # A variant that no longer exists is refused, by the dispatch and by the backend.
+    with pytest.raises(ValueError, match="not a variant"), dispatch.use_variant("triton", "tiles"):
+        pass
+    with pytest.raises(ValueError, match="backward variant"):
+        TritonBackend("tiles")
+    with panels(100), pytest.raises(ValueError, match="multiple"):
+        triton_backend().dense_backward(*args)
     # P follows 2 D within its bounds, and never exceeds the anchors there are.
     assert backward.panel_size(512, 16384) == 1024
     assert backward.panel_size(200, 16384) == 512
@@ -663,20 +769,32 @@ def test_backward_path_switches():
     assert backward.panel_size(1024, 300) == 384
 
 
-def test_backward_path_comes_from_the_environment():
-    """SELHN_TRITON_BACKWARD is read once at import; an unknown value is refused there."""
+def test_backward_variant_comes_from_the_environment():
+    """SELHN_TRITON_BACKWARD is read once, by dispatch, and shown by backend_status; an
+    unknown value is a reason the backend cannot run, raised when it is asked for."""
     _kernels()
-    code = "from selhn_ext._triton import config; print(config.backward_path())"
+    code = (
+        "import sys, torch, selhn_ext; from selhn_ext import dispatch\n"
+        "x = torch.randn(4, 3)\n"
+        "print(selhn_ext.backend_status(x, x).variants['triton'])\n"
+        "print(selhn_ext.backend_status(x, x)['triton'])\n"
+        "print(dispatch.backend('triton').variant if sys.argv[1] == 'panels' else '-')\n"
+        "selhn_ext.selhn_loss(x, x, backend='triton')\n"
+    )
     outputs = {}
-    for value in ("panel", "bogus"):
+    for value in ("panels", "panel"):
         env = dict(os.environ, SELHN_TRITON_BACKWARD=value)
         outputs[value] = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-        )
-    assert outputs["panel"].returncode == 0, outputs["panel"].stderr[-2000:]
-    assert outputs["panel"].stdout.split()[-1] == "panel"
-    assert outputs["bogus"].returncode != 0
-    assert "SELHN_TRITON_BACKWARD" in outputs["bogus"].stderr
+            [sys.executable, "-c", code, value], capture_output=True, text=True, env=env,
+            timeout=300,
+        )  # fmt: skip
+    assert outputs["panels"].returncode == 0, outputs["panels"].stderr[-2000:]
+    assert outputs["panels"].stdout.split("\n")[:3] == ["panels", "None", "panels"]
+    old = outputs["panel"]  # the old paths are gone
+    assert old.returncode != 0
+    reason = "SELHN_TRITON_BACKWARD='panel' is not a variant of 'triton'"
+    assert reason in old.stdout.split("\n")[1]  # backend_status shows it
+    assert "BackendUnavailableError" in old.stderr and reason in old.stderr
 
 
 def test_opcheck():
@@ -717,8 +835,8 @@ MEMORY_CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    from selhn_ext._triton import KERNELS
-    from selhn_ext.kernel_interface import positive_scores
+    from selhn_ext import dispatch
+    from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
 
     def status_kib(field):
         with open("/proc/self/status") as f:
@@ -729,8 +847,8 @@ MEMORY_CHILD = textwrap.dedent(
 
     def run(batch):
         gen = torch.Generator().manual_seed(0)
-        img = torch.randn(batch, 256, generator=gen).to(torch.bfloat16)
-        txt = (img.float() + 0.1 * torch.randn(batch, 256, generator=gen)).to(torch.bfloat16)
+        img = torch.randn(batch, 64, generator=gen).to(torch.bfloat16)
+        txt = (img.float() + 0.1 * torch.randn(batch, 64, generator=gen)).to(torch.bfloat16)
         d = positive_scores(img, txt)
         coef = torch.full((batch,), 1e-3)
         # A few gated anchors: every buffer of the backward is allocated, and the
@@ -739,9 +857,10 @@ MEMORY_CHILD = textwrap.dedent(
         return img, txt, d, coef, gated
 
     def loss_pass(img, txt, d, coef, gated):
-        outputs = [*KERNELS.partials(img, txt, d, 0, None, None, 0.2)[0]]
-        outputs += KERNELS.dense_backward(
-            img, txt, d, 0, None, None, 0.2, coef, coef, gated, gated
+        backend = dispatch.backend("triton")
+        outputs = [*backend.partials(Block(img, txt, d), 0.2)[0]]
+        outputs += backend.dense_backward(
+            Block(img, txt, d), 0.2, GatedAnchors(coef, coef, gated, gated)
         )
         for out in outputs:  # zero-filled pages count once written
             out.fill_(1)
@@ -758,29 +877,26 @@ MEMORY_CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", PATHS)
-def test_extra_memory_grows_linearly(path):
+def test_extra_memory_grows_linearly():
     """Host RSS of forward + backward in the interpreter (a child process per size; it
-    runs on CPU tensors whether or not this machine has a GPU), for each backward path
-    (chosen in the child through SELHN_TRITON_BACKWARD)."""
+    runs on CPU tensors whether or not this machine has a GPU): linear in B, and at
+    B = 4096 below one B x B bfloat16 matrix (32 MiB). The backward's W panels hold a
+    fixed number of rows (P = 512 here, D = 64) against every anchor. D is small so that
+    the interpreter's forward stays within the timeout on a loaded machine."""
     require_backend("triton", DEVICE, torch.bfloat16)
     # One BLAS thread: the interpreter's many small products crawl when threads contend.
     # Large blocks straight from mmap: freed temporaries then cannot hide new allocations.
     env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        OPENBLAS_NUM_THREADS="1",
-        MALLOC_MMAP_THRESHOLD_="65536",
-        SELHN_TRITON_BACKWARD=path,
+        os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = {}
     for batch in (2048, 4096):
         out = subprocess.run(
             [sys.executable, "-c", MEMORY_CHILD, str(batch)],
-            capture_output=True, text=True, env=env, cwd=root, timeout=300,
+            capture_output=True, text=True, env=env, cwd=root, timeout=1200,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         extra[batch] = int(out.stdout.split()[-1]) / 1024  # MiB
     assert extra[4096] < 2.5 * max(extra[2048], 1.0), extra
-    assert extra[4096] < 16, extra
+    assert extra[4096] < 4096 * 4096 * 2 / 2**20, extra

@@ -34,14 +34,13 @@ def test_specialization_list_covers_the_dispatch():
     out = _run("--list", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     labels = out.stdout.splitlines()[1:-1]
-    # partials: 4 precisions x ids x deterministic; backward: 4 precisions x ids x
-    # (2 default + 4 deterministic passes); panel backward: 4 precisions x (ids x side
-    # activity kernels + 2 GEMMs); the compaction kernel.
-    assert len(labels) == 4 * 4 + 4 * 2 * 6 + 4 * (4 + 2) + 1
+    # partials: 4 precisions x ids x deterministic; backward: 4 precisions x (ids x
+    # weights + products); the two compaction kernels.
+    assert len(labels) == 4 * 4 + 4 * (2 + 1) + 2
     for needle in ("torch.bfloat16 ieee", "torch.float16 ieee", "torch.float32 ieee",
-                   "torch.float32 tf32", "ids=True", "deterministic=True", "compact",
-                   "panel_activity", "gated_is_row=False", "panel_gated_grad_kernel",
-                   "panel_other_grad_kernel"):  # fmt: skip
+                   "torch.float32 tf32", "ids=True", "deterministic=True", "count_kernel",
+                   "compact_kernel", "weights torch.bfloat16",
+                   "products torch.float16 ieee"):  # fmt: skip
         assert any(needle in label for label in labels), needle
 
 

@@ -28,18 +28,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from selhn_ext._triton import backward_kernels, forward_kernels  # noqa: E402
-from selhn_ext._triton.backward import (  # noqa: E402
-    BACKWARD_PASSES,
-    COMPACT_BLOCK,
-    PANEL_GEMM_CONFIGS,
-)
+from selhn_ext._triton.backward import COMPACT_BLOCK, GEMM_CONFIGS  # noqa: E402
 from selhn_ext._triton.config import CONFIGS, precision  # noqa: E402
 
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 # Arguments that are 1 for contiguous inputs: triton turns such values into constants.
 UNIT_STRIDES = ("stride_rk", "stride_ck", "stride_xk")
 # Integer arguments that are multiples of 16 in the usual aligned call (D = 1024, ...).
-ALIGNED_INTS = ("D", "stride_rm", "stride_cn", "stride_xn")
+ALIGNED_INTS = ("D", "stride_rm", "stride_cn", "stride_xn", "panel", "ld_a")
 
 
 def _source(fn, types: dict[str, str], constexprs: dict[str, object]) -> ASTSource:
@@ -95,9 +91,7 @@ def specializations(quick: bool = False):
         # Tensor descriptors (TMA) for tensor-core products only (config.tma_allowed).
         tma_modes = (False,) if prec == "ieee" and dtype == torch.float32 else (False, True)
         for has_ids, deterministic, tma in product((False, True), (False, True), tma_modes):
-            label = (
-                f"partials {dtype} {prec} ids={has_ids} deterministic={deterministic} tma={tma}"
-            )
+            label = f"partials {dtype} {prec} ids={has_ids} deterministic={deterministic} tma={tma}"
             constexprs = dict(
                 blocks, HAS_IDS=has_ids, DETERMINISTIC=deterministic, REVERSE=False, USE_TMA=tma
             )
@@ -110,65 +104,45 @@ def specializations(quick: bool = False):
             yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
                 cfg.num_stages  # fmt: skip
 
-        fn = backward_kernels.dense_backward_kernel
+        # The backward: W panels (S recompute) and the gradient products.
+        gemm = GEMM_CONFIGS[dtype]
+        fn = backward_kernels.weights_kernel
         pointers = {
             "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
-            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "coef_ptr": "*fp32",
-            "gated_index_ptr": "*i32", "gated_count_ptr": "*i32",
-            "grad_rows_ptr": "*fp32", "grad_cols_ptr": "*fp32", "tile_counter_ptr": "*i32",
+            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "row_weight_ptr": "*fp32",
+            "col_weight_ptr": "*fp32", "row_order_ptr": "*i32",
+            "col_order_ptr": "*i32", "state_ptr": "*i32", "w_a_ptr": data, "w_b_ptr": data,
+            "ws_a_ptr": "*fp32", "ws_b_ptr": "*fp32", "grad_rows_ptr": "*fp32",
+            "grad_cols_ptr": "*fp32", "tile_counter_ptr": "*i32",
         }  # fmt: skip
-        for deterministic, passes in BACKWARD_PASSES.items():
-            for step, flags in enumerate(passes):
-                for has_ids in (False, True):
-                    label = (
-                        f"dense_backward {dtype} {prec} ids={has_ids} "
-                        f"deterministic={deterministic} pass={step}"
-                    )
-                    constexprs = dict(
-                        blocks,
-                        BD=cfg.BD,
-                        GATED_IS_ROW=flags.gated_is_row,
-                        OUTER_IS_GATED=flags.outer_is_gated,
-                        WRITE_ROWS=flags.write_rows,
-                        WRITE_COLS=flags.write_cols,
-                        ATOMIC=flags.atomic,
-                        HAS_IDS=has_ids,
-                        COUNT_TILES=False,
-                        REVERSE=False,
-                    )
-                    yield label, fn, _types(fn, pointers, ("margin",)), constexprs, \
-                        cfg.num_warps, cfg.num_stages  # fmt: skip
-
-        # The panel backward (SELHN_TRITON_BACKWARD=panel): activity per side, two GEMMs.
-        fn = backward_kernels.panel_activity_kernel
-        pointers = {
-            "rows_ptr": data, "cols_ptr": data, "col_pos_ptr": "*fp32",
-            "row_ids_ptr": "*i64", "col_ids_ptr": "*i64", "gated_index_ptr": "*i32",
-            "gated_count_ptr": "*i32", "act_ptr": data, "tile_counter_ptr": "*i32",
-        }  # fmt: skip
-        for gated_is_row, has_ids in product((True, False), repeat=2):
-            label = f"panel_activity {dtype} {prec} ids={has_ids} gated_is_row={gated_is_row}"
+        for has_ids in (False, True):
+            label = f"weights {dtype} {prec} ids={has_ids}"
             constexprs = dict(
-                blocks, GATED_IS_ROW=gated_is_row, HAS_IDS=has_ids, COUNT_TILES=False,
+                blocks, GM=gemm.GM, GD=gemm.GD, HAS_IDS=has_ids, COUNT_TILES=False,
                 REVERSE=False,
             )  # fmt: skip
             yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
                 cfg.num_stages  # fmt: skip
-        gemm = PANEL_GEMM_CONFIGS[dtype]
-        gemm_blocks = dict(GM=gemm.GM, GD=gemm.GD, GK=gemm.GK, PRECISION=prec, UPCAST=False)
-        for fn, operand in ((backward_kernels.panel_gated_grad_kernel, "other_ptr"),
-                            (backward_kernels.panel_other_grad_kernel, "gated_ptr")):  # fmt: skip
-            pointers = {
-                "act_ptr": data, operand: data, "coef_ptr": "*fp32",
-                "gated_index_ptr": "*i32", "gated_count_ptr": "*i32", "grad_ptr": "*fp32",
-            }  # fmt: skip
-            label = f"{fn.__name__} {dtype} {prec}"
-            yield label, fn, _types(fn, pointers, ()), dict(gemm_blocks, REVERSE=False), \
-                gemm.num_warps, gemm.num_stages  # fmt: skip
+        fn = backward_kernels.products_kernel
+        pointers = {
+            "rows_ptr": data, "cols_ptr": data, "row_order_ptr": "*i32", "col_order_ptr": "*i32",
+            "state_ptr": "*i32", "w_a_ptr": data, "w_b_ptr": data, "ws_a_ptr": "*fp32",
+            "ws_b_ptr": "*fp32", "grad_rows_ptr": "*fp32", "grad_cols_ptr": "*fp32",
+        }  # fmt: skip
+        constexprs = dict(GM=gemm.GM, GD=gemm.GD, GK=gemm.GK, PRECISION=prec, UPCAST=False,
+                          REVERSE=False)  # fmt: skip
+        yield f"products {dtype} {prec}", fn, _types(fn, pointers, ()), constexprs, \
+            gemm.num_warps, gemm.num_stages  # fmt: skip
 
-    fn = backward_kernels.compact_kernel
-    pointers = {"flag_ptr": "*i8", "index_ptr": "*i32", "count_ptr": "*i32"}
-    yield "compact", fn, _types(fn, pointers, ()), {"BLOCK": COMPACT_BLOCK}, 4, 1
+    pointers = {
+        "row_flag_ptr": "*i8", "col_flag_ptr": "*i8", "row_coef_ptr": "*fp32",
+        "col_coef_ptr": "*fp32", "row_order_ptr": "*i32", "col_order_ptr": "*i32",
+        "row_weight_ptr": "*fp32", "col_weight_ptr": "*fp32", "state_ptr": "*i32",
+        "blocks_ptr": "*i32",
+    }  # fmt: skip
+    for fn in (backward_kernels.count_kernel, backward_kernels.compact_kernel):
+        types = _types(fn, {k: v for k, v in pointers.items() if k in fn.arg_names}, ())
+        yield fn.__name__, fn, types, {"BLOCK": COMPACT_BLOCK}, 4, 1
 
 
 def compile_one(fn, types, constexprs, num_warps, num_stages, arch: int):

@@ -1,33 +1,51 @@
 """Launcher of the backward kernels (backward_kernels.py): the off-diagonal gradient of the
-gated anchors, through the ``tiles`` path or the ``panel`` path."""
+gated anchors, with one S recompute per touched tile and the products on tensor cores.
+
+Launches, all on one stream and none sized by a device-side count (no host sync):
+
+    count_kernel, compact_kernel    both sides' orders, gated counts, scale    2
+    weights_kernel(t), products_kernel(t)   for t < steps                      2 * steps
+    weights_kernel(steps)           adds the last step's partial products      1
+
+``steps`` = ceil(max(b, N) / P) is fixed by the shapes. Each launch is a persistent grid
+whose programs claim work items until the device-side count of items is spent, so a
+launch costs in proportion to the gated anchors of its panel; a step past the gated
+anchors of both sides has no item and returns at once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
 from torch import Tensor
 
+from ..kernel_interface import Block, GatedAnchors
 from . import backward_kernels
 from .config import (
-    backward_path,
     block_config,
     check_block,
-    column_splits,
     ids_or_placeholder,
     precision,
+    sm_count,
     testing,
     upcast,
 )
 
 COMPACT_BLOCK = 1024
+# The int32 state: gated rows, gated columns, scale bits, spare, one ticket per launch.
+STATE_HEADER = 4
+# Persistent programs per launch without a GPU (the interpreter runs them one by one;
+# the first claims every item, so more cost nothing there).
+CPU_PROGRAMS = 4
+# W rows start at multiples of this many entries (64 bytes in fp32, 32 in 16 bits).
+W_ALIGN = 16
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tiles of the panel backward's gradient GEMMs (output GM x GD, K step GK)."""
+    """Tiles of the gradient products (output GM x GD, K step GK)."""
 
     GM: int
     GD: int
@@ -36,53 +54,25 @@ class GemmConfig:
     num_stages: int
 
 
-PANEL_GEMM_CONFIGS: dict[torch.dtype, GemmConfig] = {
+GEMM_CONFIGS: dict[torch.dtype, GemmConfig] = {
     torch.bfloat16: GemmConfig(GM=128, GD=128, GK=64, num_warps=8, num_stages=3),
     torch.float16: GemmConfig(GM=128, GD=128, GK=64, num_warps=8, num_stages=3),
     torch.float32: GemmConfig(GM=64, GD=64, GK=32, num_warps=4, num_stages=3),
 }
-# Panel sizes are multiples of this (a multiple of every BM, BN and GM above), so panel
-# boundaries fall on block boundaries of the compacted list.
+# Panel sizes are multiples of this (a multiple of every BM, BN and GM), so a panel's
+# gated anchors fill whole blocks.
 PANEL_UNIT = 128
-PANEL_MIN, PANEL_MAX = 256, 2048
-
-
-class BackwardPass(NamedTuple):
-    """One launch of dense_backward_kernel (its constexpr flags)."""
-
-    gated_is_row: bool  # the compacted, coefficient-carrying side
-    outer_is_gated: bool  # grid axis 0 runs over gated blocks (else over the other side)
-    write_rows: bool
-    write_cols: bool
-    atomic: bool
-
-
-# Default: two passes with float atomics. Deterministic: each pass owns the gradient rows
-# it writes (plain read-add-write in a fixed order); the price is a second recompute of
-# every gated tile.
-BACKWARD_PASSES: dict[bool, tuple[BackwardPass, ...]] = {
-    False: (
-        BackwardPass(True, True, True, True, True),  # gated rows x all columns
-        BackwardPass(False, True, True, True, True),  # all rows x gated columns
-    ),
-    True: (
-        BackwardPass(True, True, True, False, False),  # gated rows x columns -> grad_rows
-        BackwardPass(True, False, False, True, False),  # columns x gated rows -> grad_cols
-        BackwardPass(False, True, False, True, False),  # gated columns x rows -> grad_cols
-        BackwardPass(False, False, True, False, False),  # rows x gated columns -> grad_rows
-    ),
-}
+PANEL_MIN, PANEL_MAX = 512, 2048
 
 
 def panel_size(dim: int, n_anchors: int) -> int:
-    """P, the gated anchors per panel: about 2 D (so the P x N activity buffer is O(N * D),
-    the size of the two embeddings), between PANEL_MIN and PANEL_MAX, and no more than the
-    anchors there are.
+    """P, the gated anchors per panel: about 2 D, between PANEL_MIN and PANEL_MAX, and no
+    more than the anchors there are.
 
-    Why not smaller: each panel reads and writes the other side's whole fp32 gradient
-    (8 bytes per P * 2 multiply-adds of the 16-bit GEMM: compute-bound on sm_90 only from
-    P of about 2048), and the gated side's GEMM has (P / GM) * (D / GD) output tiles, too
-    few to fill the GPU when P is small.
+    Memory: the two W buffers hold P x (N + b) entries of the input dtype, about the
+    size of the two embeddings when P = 2 D. Speed: the other side's product adds P
+    terms per read-add-write of its fp32 gradient (P / 4 flop per byte), compute-bound
+    on sm_90 from P of about 1200; a larger P only saves launches.
     """
     if testing.panel_size is not None:
         size = testing.panel_size
@@ -93,172 +83,124 @@ def panel_size(dim: int, n_anchors: int) -> int:
     return min(size, triton.cdiv(n_anchors, PANEL_UNIT) * PANEL_UNIT)
 
 
+# The dense backward's variants (dispatch.py lists the same names). One so far: "panels"
+# recomputes each S tile that touches a gated anchor once, into W panels, and runs the
+# gradient products on tensor cores with owned output tiles (no float atomics).
+VARIANTS = ("panels",)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """One program per SM (each kernel holds one CTA per SM), or CPU_PROGRAMS."""
+    sms = sm_count(device)
+    return CPU_PROGRAMS if sms is None else sms
+
+
+def compact(
+    row_gated: Tensor, col_gated: Tensor, row_coef: Tensor, col_coef: Tensor, launches: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(row_order, col_order, row_weight, col_weight, state) on the device, in two
+    launches over blocks of both sides, nothing read back.
+
+    ``row_order`` lists the gated rows ascending, then the other rows descending (the
+    same for columns); ``row_weight`` = row_coef / scale where gated, else 0, with
+    scale the largest finite |coefficient| of a gated anchor (1 if none); ``state``
+    (int32) holds the gated row and column counts, the scale's fp32 bits and a zero
+    ticket for each of ``launches`` later launches.
+    """
+    b, n_cols = row_gated.shape[0], col_gated.shape[0]
+    device = row_gated.device
+    row_order = torch.empty(b, dtype=torch.int32, device=device)
+    col_order = torch.empty(n_cols, dtype=torch.int32, device=device)
+    row_weight = torch.empty(b, dtype=torch.float32, device=device)
+    col_weight = torch.empty(n_cols, dtype=torch.float32, device=device)
+    blocks = triton.cdiv(b, COMPACT_BLOCK) + triton.cdiv(n_cols, COMPACT_BLOCK)
+    # One zero-filled allocation: the state, then per-block counts and maxima.
+    state = torch.zeros(STATE_HEADER + launches + 2 * blocks, dtype=torch.int32, device=device)
+    per_block = state[STATE_HEADER + launches :]
+    flags = (_flags(row_gated), _flags(col_gated), row_coef, col_coef)
+    backward_kernels.count_kernel[(blocks,)](*flags, per_block, b, n_cols, COMPACT_BLOCK)
+    backward_kernels.compact_kernel[(blocks,)](
+        *flags, row_order, col_order, row_weight, col_weight, state, per_block, b, n_cols,
+        COMPACT_BLOCK,
+    )  # fmt: skip
+    return row_order, col_order, row_weight, col_weight, state[: STATE_HEADER + launches]
+
+
+def _flags(gated: Tensor) -> Tensor:
+    """bool flags as int8 (a view, no copy, when already contiguous)."""
+    gated = gated.contiguous()
+    return gated.view(torch.int8) if gated.dtype == torch.bool else gated.to(torch.int8)
+
+
 def dense_backward(
-    rows: Tensor,
-    cols: Tensor,
-    col_pos: Tensor,
-    row_offset: int,
-    row_ids: Tensor | None,
-    col_ids: Tensor | None,
+    block: Block,
     margin: float,
-    row_coef: Tensor,
-    col_coef: Tensor,
-    row_gated: Tensor,
-    col_gated: Tensor,
+    gated: GatedAnchors,
     *,
     deterministic: bool = False,
     allow_tf32: bool = False,
+    variant: str = VARIANTS[0],
 ) -> tuple[Tensor, Tensor]:
-    check_block(rows, cols, col_pos, row_offset, row_ids, col_ids)
-    cfg = block_config(rows.dtype)
+    """The kernel interface's dense_backward (see kernel_interface.py), for ``variant``
+    (one of VARIANTS, chosen by dispatch.py).
+
+    Every output tile has one writer and the launches run in order, so the result is the
+    same on every run: ``deterministic`` changes nothing here and costs nothing.
+    """
+    check_block(block)
+    rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
+    row_ids, col_ids = block.row_ids, block.col_ids
+    row_coef, col_coef, row_gated, col_gated = gated
+    cfg, gemm = block_config(rows.dtype), GEMM_CONFIGS[rows.dtype]
     b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
     device = rows.device
     col_pos = col_pos.to(torch.float32).contiguous()
     row_ids_t, has_ids = ids_or_placeholder(row_ids, device)
     col_ids_t, _ = ids_or_placeholder(col_ids, device)
-    grad_rows = torch.zeros(b, dim, dtype=torch.float32, device=device)
-    grad_cols = torch.zeros(n_cols, dim, dtype=torch.float32, device=device)
-    row_index, row_count = compact(row_gated)
-    col_index, col_count = compact(col_gated)
     row_coef = row_coef.to(torch.float32).contiguous()
     col_coef = col_coef.to(torch.float32).contiguous()
-    counter = testing.tile_counter
-    row_blocks = triton.cdiv(b, cfg.BM)
-    col_blocks = triton.cdiv(n_cols, cfg.BN)
+    grad_rows = torch.zeros(b, dim, dtype=torch.float32, device=device)
+    grad_cols = torch.zeros(n_cols, dim, dtype=torch.float32, device=device)
 
-    def launch(gated_is_row, outer_is_gated, write_rows, write_cols, atomic):
-        outer_is_row = gated_is_row == outer_is_gated
-        outer, inner = (row_blocks, col_blocks) if outer_is_row else (col_blocks, row_blocks)
-        if atomic:
-            splits, per_split = column_splits(outer, inner, device)
-        else:  # one program owns each outer block's gradient rows
-            splits, per_split = 1, inner
-        backward_kernels.dense_backward_kernel[(outer, splits)](
-            rows, cols, col_pos, row_ids_t, col_ids_t,
-            row_coef if gated_is_row else col_coef,
-            row_index if gated_is_row else col_index,
-            row_count if gated_is_row else col_count,
-            grad_rows, grad_cols,
-            counter if counter is not None else row_count,
-            b, n_cols, dim, row_offset,
-            rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-            float(margin), per_split,
-            GATED_IS_ROW=gated_is_row,
-            OUTER_IS_GATED=outer_is_gated,
-            WRITE_ROWS=write_rows,
-            WRITE_COLS=write_cols,
-            ATOMIC=atomic,
+    panel = panel_size(dim, max(b, n_cols))
+    steps = triton.cdiv(max(b, n_cols), panel)
+    row_order, col_order, row_weight, col_weight, state = compact(
+        row_gated, col_gated, row_coef, col_coef, 2 * steps + 1
+    )
+    # W / scale of one panel of each part, in the input dtype (fp32 for fp32 inputs):
+    # (P, N) for part A, rows padded to a multiple of W_ALIGN entries so that each starts
+    # aligned, and (b, P) for part B.
+    ld_a = triton.cdiv(n_cols, W_ALIGN) * W_ALIGN
+    w_a = torch.empty(panel * ld_a, dtype=rows.dtype, device=device)
+    w_b = torch.empty(b * panel, dtype=rows.dtype, device=device)
+    # The gated sides' partial products (K splits x panel rows fit in a panel).
+    ws_a = torch.empty(panel * dim, dtype=torch.float32, device=device)
+    ws_b = torch.empty(panel * dim, dtype=torch.float32, device=device)
+    counter = testing.tile_counter
+    programs = persistent_programs(device)
+    prec, up = precision(rows.dtype, allow_tf32), upcast(rows.dtype)
+    strides = (rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1))
+    for step in range(steps + 1):
+        backward_kernels.weights_kernel[(programs,)](
+            rows, cols, col_pos, row_ids_t, col_ids_t, row_weight, col_weight,
+            row_order, col_order, state, w_a, w_b, ws_a, ws_b, grad_rows, grad_cols,
+            counter if counter is not None else state,
+            b, n_cols, dim, row_offset, *strides, float(margin), step, panel, ld_a, programs,
             HAS_IDS=has_ids,
             COUNT_TILES=counter is not None,
             REVERSE=testing.reverse_block_order,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BD=cfg.BD,
-            PRECISION=precision(rows.dtype, allow_tf32),
-            UPCAST=upcast(rows.dtype),
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GM=gemm.GM, GD=gemm.GD,
+            PRECISION=prec, UPCAST=up,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-
-    if backward_path() == "panel":
-        panel_backward(
-            rows, cols, col_pos, row_offset, row_ids_t, col_ids_t, has_ids, margin,
-            (row_coef, row_index, row_count, grad_rows),
-            (col_coef, col_index, col_count, grad_cols),
-            precision(rows.dtype, allow_tf32),
+        if step == steps:  # the last launch only adds the last step's partial products
+            break
+        backward_kernels.products_kernel[(programs,)](
+            rows, cols, row_order, col_order, state, w_a, w_b, ws_a, ws_b, grad_rows, grad_cols,
+            b, n_cols, dim, *strides, step, panel, ld_a, programs,
+            REVERSE=testing.reverse_block_order,
+            GM=gemm.GM, GD=gemm.GD, GK=gemm.GK,
+            PRECISION=prec, UPCAST=up,
+            num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         )  # fmt: skip
-        return grad_rows, grad_cols
-    for backward_pass in BACKWARD_PASSES[bool(deterministic)]:
-        launch(*backward_pass)
     return grad_rows, grad_cols
-
-
-def panel_backward(
-    rows: Tensor,
-    cols: Tensor,
-    col_pos: Tensor,
-    row_offset: int,
-    row_ids: Tensor,
-    col_ids: Tensor,
-    has_ids: bool,
-    margin: float,
-    row_side: tuple[Tensor, Tensor, Tensor, Tensor],
-    col_side: tuple[Tensor, Tensor, Tensor, Tensor],
-    prec: str,
-) -> None:
-    """The panel dense backward (see backward_kernels.py), adding into the two gradients in place.
-
-    ``row_side`` / ``col_side``: (coefficients, compacted gated indices, their (1,)
-    count, that side's gradient). Rows first, then columns; on each side a host loop over
-    the worst-case number of panels, whose kernels read the device-side count and exit
-    early past it. Every launch owns its output tiles and launches run in order, so the
-    sums are the same on every run, whatever the deterministic flag.
-    """
-    cfg, gemm = block_config(rows.dtype), PANEL_GEMM_CONFIGS[rows.dtype]
-    b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
-    upcast_products = upcast(rows.dtype)
-    size = panel_size(dim, max(b, n_cols))
-    # One activity buffer, reused by every panel of both sides. Under the interpreter
-    # bfloat16 products go through fp32 (see kernels._mma), so the buffer is fp32 there.
-    act = torch.empty(
-        size * max(b, n_cols),
-        dtype=torch.float32 if upcast_products else rows.dtype,
-        device=rows.device,
-    )
-    counter = testing.tile_counter
-    reverse = testing.reverse_block_order
-    d_blocks = triton.cdiv(dim, gemm.GD)
-    for gated_is_row in (True, False):
-        if gated_is_row:
-            gated, other, n_gated, n_other = rows, cols, b, n_cols
-            (coef, index, count, grad_gated), grad_other = row_side, col_side[3]
-            gated_block, other_block = cfg.BM, cfg.BN
-        else:
-            gated, other, n_gated, n_other = cols, rows, n_cols, b
-            (coef, index, count, grad_gated), grad_other = col_side, row_side[3]
-            gated_block, other_block = cfg.BN, cfg.BM
-        activity_grid = (size // gated_block, triton.cdiv(n_other, other_block))
-        gated_grid = (triton.cdiv(size, gemm.GM), d_blocks)
-        other_grid = (triton.cdiv(n_other, gemm.GM), d_blocks)
-        for start in range(0, n_gated, size):
-            backward_kernels.panel_activity_kernel[activity_grid](
-                rows, cols, col_pos, row_ids, col_ids, index, count, act,
-                counter if counter is not None else count,
-                b, n_cols, dim, row_offset,
-                rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                float(margin), start,
-                GATED_IS_ROW=gated_is_row,
-                HAS_IDS=has_ids,
-                COUNT_TILES=counter is not None,
-                REVERSE=reverse,
-                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-                PRECISION=prec, UPCAST=upcast_products,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            backward_kernels.panel_gated_grad_kernel[gated_grid](
-                act, other, coef, index, count, grad_gated,
-                n_other, dim, other.stride(0), other.stride(1), start,
-                REVERSE=reverse,
-                GM=gemm.GM, GD=gemm.GD, GK=gemm.GK,
-                PRECISION=prec, UPCAST=upcast_products,
-                num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-            )  # fmt: skip
-            backward_kernels.panel_other_grad_kernel[other_grid](
-                act, gated, coef, index, count, grad_other,
-                n_other, dim, gated.stride(0), gated.stride(1), start, size,
-                REVERSE=reverse,
-                GM=gemm.GM, GD=gemm.GD, GK=gemm.GK,
-                PRECISION=prec, UPCAST=upcast_products,
-                num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-            )  # fmt: skip
-
-
-def compact(flags: Tensor) -> tuple[Tensor, Tensor]:
-    """(indices of the true flags in order, padded to len(flags); their (1,) int32 count).
-
-    Runs on the device; nothing is read back.
-    """
-    n = flags.shape[0]
-    index = torch.zeros(n, dtype=torch.int32, device=flags.device)
-    count = torch.zeros(1, dtype=torch.int32, device=flags.device)
-    backward_kernels.compact_kernel[(1,)](
-        flags.to(torch.int8).contiguous(), index, count, n, COMPACT_BLOCK
-    )
-    return index, count

@@ -1,62 +1,195 @@
-"""The backward Triton kernels: device-side compaction of the gated anchors, and the
-off-diagonal gradient of the gated anchors through recomputed S tiles (see tile.py)."""
+"""The backward Triton kernels: the off-diagonal gradient of the gated anchors.
+
+``count_kernel`` and ``compact_kernel`` order each side with its gated anchors first, on
+the device, in blocks that run at once:
+
+    row_order = [gated rows ascending | other rows descending]    (kr gated rows)
+    col_order = [gated columns ascending | other columns descending]    (kc gated)
+
+The pairs of S that touch a gated anchor form two disjoint parts, each recomputed once:
+
+    part A: gated rows x every column       W = W_row + W_col
+    part B: other rows x gated columns      W = W_col
+
+Both are cut into panels of P gated anchors (rows for A, columns for B). Step t of the
+backward handles panel t of both parts: ``weights_kernel`` recomputes the panel's S tiles
+with ``score_tile`` (the forward's tiling and K order, so every active hinge is the
+forward's) and writes W / scale in the input dtype; ``products_kernel`` multiplies on
+tensor cores, each output tile owned by one program:
+
+    gated side  (A: grad_rows[gated], B: grad_cols[gated])   = W @ other      K = n_other
+    other side  (A: grad_cols,        B: grad_rows[other])  += W.T @ gated    K = panel
+
+The gated side's products go to a workspace as partial sums (split over K when there are
+too few output tiles to fill the GPU); the next ``weights_kernel`` launch adds them into
+the gradient in a fixed order. No float atomics: the result does not depend on the order
+in which programs run.
+
+``scale`` is the largest finite |coefficient| of a gated anchor: with uniform coefficients
+(mean reduction, no ids) W / scale is 0, 1 or 2, exact in every dtype; otherwise each
+entry is rounded once to the input dtype (relative 2**-9 for bfloat16, 2**-12 for
+float16), and the products accumulate in fp32.
+
+Every kernel is persistent: its programs claim work items with an integer ticket, and
+the number of items is computed on the device from the gated counts, so the work follows
+what is gated without a host synchronisation.
+"""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .tile import block_ids, mma, score_tile, valid_pairs
+from .tile import mma, score_tile, valid_pairs
+
+# The int32 state written by compact_kernel and read by every later launch.
+GATED_ROWS = tl.constexpr(0)
+GATED_COLS = tl.constexpr(1)
+SCALE_BITS = tl.constexpr(2)  # fp32 bits of the scale (0 until the compaction sets it)
+TICKETS = tl.constexpr(4)  # state[TICKETS + launch]: the next work item of each launch
+SPLIT_MAX = tl.constexpr(8)  # at most this many K splits of a gated-side product tile
 
 
 @triton.jit
-def compact_kernel(flag_ptr, index_ptr, count_ptr, n, BLOCK: tl.constexpr):
-    """index[0:count] = the positions of the nonzero flags, in order; one program."""
+def count_kernel(
+    row_flag_ptr, col_flag_ptr, row_coef_ptr, col_coef_ptr, blocks_ptr, b, N,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per block of BLOCK anchors (rows, then columns, one program each): the number of
+    gated anchors, and the largest finite |coefficient| among them (fp32 bits; NaN and
+    inf stay out), into ``blocks_ptr[pid]`` and ``blocks_ptr[blocks + pid]``."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(b, BLOCK)
+    if pid < row_blocks:
+        flag_ptr, coef_ptr, n, block = row_flag_ptr, row_coef_ptr, b, pid
+    else:
+        flag_ptr, coef_ptr, n, block = col_flag_ptr, col_coef_ptr, N, pid - row_blocks
+    pos = block * BLOCK + tl.arange(0, BLOCK)
+    ok = pos < n
+    flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
+    tl.store(blocks_ptr + pid, tl.sum(flag.to(tl.int32), axis=0))
+    coef = tl.abs(tl.load(coef_ptr + pos, mask=ok & flag, other=0.0))
+    coef = tl.where(coef < float("inf"), coef, 0.0)
+    blocks = row_blocks + tl.cdiv(N, BLOCK)
+    tl.store(blocks_ptr + blocks + pid, tl.max(coef, axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def compact_kernel(
+    row_flag_ptr, col_flag_ptr, row_coef_ptr, col_coef_ptr, row_order_ptr, col_order_ptr,
+    row_weight_ptr, col_weight_ptr, state_ptr, blocks_ptr, b, N, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per block (as count_kernel): its entries of the side's order and of its weights
+    coefficient / scale (0 where not gated), the side's gated count (last block) and the
+    scale (first program). Each program reads the per-block counts and maxima, so the
+    blocks run at once and the work is O(n + blocks**2)."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(b, BLOCK)
+    blocks = row_blocks + tl.cdiv(N, BLOCK)
+    if pid < row_blocks:
+        flag_ptr, coef_ptr, order_ptr, weight_ptr = (
+            row_flag_ptr,
+            row_coef_ptr,
+            row_order_ptr,
+            row_weight_ptr,
+        )
+        n, block, first, count_at = b, pid, 0, GATED_ROWS
+    else:
+        flag_ptr, coef_ptr, order_ptr, weight_ptr = (
+            col_flag_ptr,
+            col_coef_ptr,
+            col_order_ptr,
+            col_weight_ptr,
+        )
+        n, block, first, count_at = N, pid - row_blocks, row_blocks, GATED_COLS
     offs = tl.arange(0, BLOCK)
-    total = tl.zeros((1,), dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        pos = start + offs
-        flag = (tl.load(flag_ptr + pos, mask=pos < n, other=0) != 0).to(tl.int32)
-        target = tl.sum(total, axis=0) + tl.cumsum(flag, axis=0) - 1
-        tl.store(index_ptr + target, pos, mask=flag != 0)
-        total += tl.sum(flag, axis=0)
-    tl.store(count_ptr + tl.arange(0, 1), total)
+    before = 0  # gated anchors of the side's earlier blocks
+    largest = 0  # the scale's bits: the max over every block of both sides
+    for start in range(0, blocks, BLOCK):
+        at = start + offs
+        count = tl.load(blocks_ptr + at, mask=(at >= first) & (at < pid), other=0)
+        before += tl.sum(count, axis=0)
+        bits = tl.load(blocks_ptr + blocks + at, mask=at < blocks, other=0)
+        largest = tl.maximum(largest, tl.max(bits, axis=0))
+    scale = largest.to(tl.float32, bitcast=True)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    pos = block * BLOCK + offs
+    ok = pos < n
+    flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
+    upto = before + tl.cumsum(flag.to(tl.int32), axis=0)  # gated in [0, pos]
+    # A gated anchor goes to its rank from the front, the others fill from the back.
+    tl.store(order_ptr + tl.where(flag, upto - 1, n - 1 - (pos - upto)), pos, mask=ok)
+    coef = tl.load(coef_ptr + pos, mask=ok & flag, other=0.0)
+    # Rounded division (a plain / is approximate on GPUs): c / c is exactly 1.
+    tl.store(weight_ptr + pos, tl.where(flag, tl.div_rn(coef, scale), 0.0), mask=ok)
+    if (block + 1) * BLOCK >= n:
+        tl.store(state_ptr + count_at, tl.max(upto, axis=0))
+    if pid == 0:
+        tl.store(state_ptr + SCALE_BITS, scale.to(tl.int32, bitcast=True))
 
 
 @triton.jit
-def _block_of(block, size, index_ptr, count, GATHER: tl.constexpr, BLOCK: tl.constexpr):
-    """(memory indices int64, in-bounds mask) of a block, through the compacted list if any."""
-    pos = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if GATHER:
-        ok = pos < count
-        mem = tl.load(index_ptr + pos, mask=ok, other=0).to(tl.int64)
+def _panel(state_ptr, step, b, panel):
+    """(gated rows, other rows, and the gated anchors of panel ``step`` in parts A and B)."""
+    kr = tl.load(state_ptr + GATED_ROWS)
+    kc = tl.load(state_ptr + GATED_COLS)
+    others = b - kr
+    in_a = tl.minimum(tl.maximum(kr - step * panel, 0), panel)
+    in_b = tl.minimum(tl.maximum(kc - step * panel, 0), panel)
+    in_b = tl.where((others > 0) & (step >= 0), in_b, 0)  # part B needs other rows
+    in_a = tl.where(step >= 0, in_a, 0)
+    return kr, others, in_a, in_b
+
+
+@triton.jit
+def _split(in_a, in_b, target, d_blocks, panel, GM: tl.constexpr):
+    """(K splits, rows per split in the workspace) of a step's gated-side products: enough
+    tiles for ``target`` programs, at most SPLIT_MAX, and within the panel-sized workspace."""
+    blocks = tl.maximum(tl.cdiv(in_a, GM), tl.cdiv(in_b, GM))
+    tiles = (tl.cdiv(in_a, GM) + tl.cdiv(in_b, GM)) * d_blocks
+    split = tl.maximum(target // tl.maximum(tiles, 1), 1)
+    split = tl.minimum(tl.minimum(split, SPLIT_MAX), panel // tl.maximum(blocks * GM, GM))
+    return split, blocks * GM
+
+
+@triton.jit
+def _claim(state_ptr, launch, total, REVERSE: tl.constexpr):
+    """The next work item of this launch (>= total when none is left)."""
+    item = tl.atomic_add(state_ptr + TICKETS + launch, 1, sem="relaxed")
+    if REVERSE:  # test switch: items in the opposite order
+        item = tl.where(item < total, total - 1 - item, total)
+    return item
+
+
+@triton.jit
+def _rounded(w, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """``w`` in the storage dtype, rounded to nearest even. The interpreter's own
+    fp32 -> bfloat16 cast truncates, so there the rounding is done on the bits."""
+    if BF16_BY_HAND:
+        bits = w.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        ok = pos < size
-        mem = pos
-    return mem, ok
+        out = w.to(dtype)
+    return out
 
 
-@triton.jit
-def _accumulate(ptr, value, mask, ATOMIC: tl.constexpr):
-    if ATOMIC:
-        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
-    else:
-        # The program owns these rows; the barrier orders this store before the next
-        # tile's load of the same rows, which may happen on other threads of the block.
-        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
-        tl.debug_barrier()
-
-
-@triton.jit
-def dense_backward_kernel(
+@triton.jit(do_not_specialize=["step"])
+def weights_kernel(
     rows_ptr,
     cols_ptr,
     col_pos_ptr,
     row_ids_ptr,
     col_ids_ptr,
-    coef_ptr,
-    gated_index_ptr,
-    gated_count_ptr,
+    row_weight_ptr,
+    col_weight_ptr,
+    row_order_ptr,
+    col_order_ptr,
+    state_ptr,
+    w_a_ptr,
+    w_b_ptr,
+    ws_a_ptr,
+    ws_b_ptr,
     grad_rows_ptr,
     grad_cols_ptr,
     tile_counter_ptr,
@@ -69,224 +202,234 @@ def dense_backward_kernel(
     stride_cn,
     stride_ck,
     margin,
-    inner_blocks_per_split,
-    GATED_IS_ROW: tl.constexpr,
-    OUTER_IS_GATED: tl.constexpr,
-    WRITE_ROWS: tl.constexpr,
-    WRITE_COLS: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    step,
+    panel,
+    ld_a,
+    split_target,
     HAS_IDS: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     REVERSE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    BD: tl.constexpr,
+    GM: tl.constexpr,
+    GD: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Off-diagonal gradient of the gated anchors of one side, through recomputed tiles.
+    """W of panel ``step`` (S tiles of parts A and B), then the fixed-order sum of the
+    previous step's gated-side partial products into the gradients.
 
-    The gated side (rows if GATED_IS_ROW, else columns) is visited through its compacted
-    index list of device-side length ``count``; its coefficient c gives
-    W = c * 1[hinge of the gated anchor active] on valid pairs. Axis 0 of the grid is the
-    outer block (a gated block if OUTER_IS_GATED, else a plain block of the other side),
-    axis 1 the split of the inner blocks. Worst-case grids: programs past ``count`` exit
-    before loading anything.
-
-    W is split as c * A with A the 0/1 activity (exact in every input dtype). The gated
-    side's gradient is c * (A @ other); the other side's is cmax * (A.T @ (c / cmax) * x)
-    with cmax the block's largest |c|, so 16-bit operands neither underflow nor lose the
-    coefficient's precision beyond one rounding.
+    Both W buffers are row-major with S's orientation (rows of S along rows of W):
+    ``w_a`` (P, ld_a): row g = gated row ``row_order[step * P + g]``, column j = column j;
+    ``w_b`` (b, P): row o = other row ``row_order[kr + o]``, column g = gated column
+    ``col_order[step * P + g]``. Entries hold W / scale in the input dtype, with zeros
+    from the last column up to a multiple of 16, so that the products read aligned
+    vectors (async copies) with 16-entry masks.
     """
-    pid_outer, pid_split = block_ids(REVERSE)
-    count = tl.load(gated_count_ptr)
-    OUTER_IS_ROW: tl.constexpr = GATED_IS_ROW == OUTER_IS_GATED
-    if OUTER_IS_ROW:
-        outer_start = pid_outer * BM
-        n_other = tl.cdiv(N, BN)
-    else:
-        outer_start = pid_outer * BN
-        n_other = tl.cdiv(b, BM)
-    if OUTER_IS_GATED:
-        # A program past the gated count has no inner block to visit.
-        n_inner = tl.where(outer_start < count, n_other, 0)
-    elif GATED_IS_ROW:
-        n_inner = tl.cdiv(count, BM)
-    else:
-        n_inner = tl.cdiv(count, BN)
-    inner_start = pid_split * inner_blocks_per_split
-    inner_stop = tl.minimum(inner_start + inner_blocks_per_split, n_inner)
-    if UPCAST:  # the interpreter's bfloat16 casts are not round-to-nearest; stay in fp32
-        dtype = tl.float32
-    else:
-        dtype = rows_ptr.dtype.element_ty
-    offs_d = tl.arange(0, BD)
-    zero_rows = tl.zeros((BM, BD), dtype=tl.float32)
-    zero_cols = tl.zeros((BN, BD), dtype=tl.float32)
+    kr, others, in_a, in_b = _panel(state_ptr, step, b, panel)
+    a_blocks = tl.cdiv(in_a, BM)
+    b_blocks = tl.cdiv(in_b, BN)
+    a_tiles = a_blocks * tl.cdiv(N, BN)
+    ab_tiles = a_tiles + b_blocks * tl.cdiv(others, BM)
+    # The previous step's partial products (none before step 0).
+    d_blocks = tl.cdiv(D, GD)
+    _, _, prev_a, prev_b = _panel(state_ptr, step - 1, b, panel)
+    split, split_rows = _split(prev_a, prev_b, split_target, d_blocks, panel, GM)
+    sums_a = tl.cdiv(prev_a, GM) * d_blocks
+    total = ab_tiles + sums_a + tl.cdiv(prev_b, GM) * d_blocks
+    store_dtype = w_a_ptr.dtype.element_ty
+    launch = 2 * step
 
-    for inner in range(inner_start, inner_stop):
-        if OUTER_IS_ROW:
-            rb = pid_outer
-            cb = inner
+    item = _claim(state_ptr, launch, total, REVERSE)
+    while item < total:
+        if item < ab_tiles:
+            is_a = item < a_tiles
+            # row_loc / col_loc: the tile's place in the W buffer of its part.
+            if is_a:  # gated rows (through row_order) x a block of plain columns
+                row_loc = (item % a_blocks) * BM + tl.arange(0, BM)
+                row_ok = row_loc < in_a
+                row_mem = tl.load(row_order_ptr + step * panel + row_loc, mask=row_ok, other=0)
+                col_loc = (item // a_blocks) * BN + tl.arange(0, BN)
+                col_ok = col_loc < N
+                col_mem = col_loc
+                w_ptr, ld, col_end = w_a_ptr, ld_a, ld_a
+            else:  # other rows x gated columns, both through their orders
+                tile = item - a_tiles
+                row_loc = (tile // b_blocks) * BM + tl.arange(0, BM)
+                row_ok = row_loc < others
+                row_mem = tl.load(row_order_ptr + kr + row_loc, mask=row_ok, other=0)
+                col_loc = (tile % b_blocks) * BN + tl.arange(0, BN)
+                col_ok = col_loc < in_b
+                col_mem = tl.load(col_order_ptr + step * panel + col_loc, mask=col_ok, other=0)
+                w_ptr, ld, col_end = w_b_ptr, panel, tl.cdiv(in_b, 16) * 16
+            s = score_tile(
+                rows_ptr, cols_ptr, row_mem.to(tl.int64), col_mem.to(tl.int64), row_ok, col_ok,
+                D, stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
+            )  # fmt: skip
+            if COUNT_TILES:
+                tl.atomic_add(tile_counter_ptr, 1)
+            # Rows past the end are not stored; so per entry only the columns' end (W's
+            # padding must be zero), the positive (an int32 compare) and, with ids,
+            # same-id pairs are checked.
+            row_glob = row_offset + row_mem
+            valid = valid_pairs(
+                row_glob, col_mem, tl.full((BM,), 1, tl.int1), col_ok, row_ids_ptr,
+                col_ids_ptr, row_mem, col_mem, HAS_IDS,
+            )  # fmt: skip
+            d_row = tl.load(col_pos_ptr + row_glob, mask=row_ok, other=0.0)
+            d_col = tl.load(col_pos_ptr + col_mem, mask=col_ok, other=0.0)
+            row_w = tl.load(row_weight_ptr + row_mem, mask=row_ok & is_a, other=0.0)
+            col_w = tl.load(col_weight_ptr + col_mem, mask=col_ok, other=0.0)
+            # The forward's hinge arguments, (margin + S) - d, in the same order.
+            shifted = margin + s
+            w = tl.where(valid & (shifted - d_row[:, None] > 0.0), row_w[:, None], 0.0)
+            w += tl.where(valid & (shifted - d_col[None, :] > 0.0), col_w[None, :], 0.0)
+            w_at = w_ptr + row_loc[:, None].to(tl.int64) * ld + col_loc[None, :]
+            mask = row_ok[:, None] & (col_loc < col_end)[None, :]
+            tl.store(w_at, _rounded(w, store_dtype, UPCAST), mask=mask)
         else:
-            rb = inner
-            cb = pid_outer
-        row_mem, row_ok = _block_of(rb, b, gated_index_ptr, count, GATED_IS_ROW, BM)
-        col_mem, col_ok = _block_of(cb, N, gated_index_ptr, count, GATED_IS_ROW == 0, BN)
-        row_glob = row_offset + row_mem
-        s = score_tile(
-            rows_ptr, cols_ptr, row_mem, col_mem, row_ok, col_ok, D,
-            stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
-        )  # fmt: skip
-        if COUNT_TILES:
-            tl.atomic_add(tile_counter_ptr, 1)
-        valid = valid_pairs(
-            row_glob, col_mem, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_mem, col_mem,
-            HAS_IDS,
-        )  # fmt: skip
-        if GATED_IS_ROW:
-            d_anchor = tl.load(col_pos_ptr + row_glob, mask=row_ok, other=0.0)
-            active = valid & ((margin + s) - d_anchor[:, None] > 0.0)
-            coef = tl.load(coef_ptr + row_mem, mask=row_ok, other=0.0)
-        else:
-            d_anchor = tl.load(col_pos_ptr + col_mem, mask=col_ok, other=0.0)
-            active = valid & ((margin + s) - d_anchor[None, :] > 0.0)
-            coef = tl.load(coef_ptr + col_mem, mask=col_ok, other=0.0)
-        act = tl.where(active, 1.0, 0.0).to(dtype)
-        cmax = tl.max(tl.abs(coef), axis=0)
-        cmax = tl.where(cmax > 0.0, cmax, 1.0)
-        scale = coef / cmax
-
-        for d0 in range(0, D, BD):
-            d_idx = d0 + offs_d
-            d_ok = d_idx < D
-            row_tile_ok = row_ok[:, None] & d_ok[None, :]
-            col_tile_ok = col_ok[:, None] & d_ok[None, :]
-            x_rows = tl.load(
-                rows_ptr + row_mem[:, None] * stride_rm + d_idx[None, :] * stride_rk,
-                mask=row_tile_ok,
-                other=0.0,
-            )
-            x_cols = tl.load(
-                cols_ptr + col_mem[:, None] * stride_cn + d_idx[None, :] * stride_ck,
-                mask=col_tile_ok,
-                other=0.0,
-            )
-            if GATED_IS_ROW:
-                g_rows = mma(act, x_cols, zero_rows, PRECISION, UPCAST) * coef[:, None]
-                scaled = (x_rows.to(tl.float32) * scale[:, None]).to(dtype)
-                g_cols = mma(tl.trans(act), scaled, zero_cols, PRECISION, UPCAST) * cmax
+            # Sum the K splits of one gated-side tile of the previous step, split 0 first.
+            part = item - ab_tiles
+            if part < sums_a:
+                ws_ptr, order_ptr, grad_ptr, count = ws_a_ptr, row_order_ptr, grad_rows_ptr, prev_a
             else:
-                g_cols = mma(tl.trans(act), x_rows, zero_cols, PRECISION, UPCAST) * coef[:, None]
-                scaled = (x_cols.to(tl.float32) * scale[:, None]).to(dtype)
-                g_rows = mma(act, scaled, zero_rows, PRECISION, UPCAST) * cmax
-            if WRITE_ROWS:
-                out = grad_rows_ptr + row_mem[:, None] * D + d_idx[None, :]
-                _accumulate(out, g_rows, row_tile_ok, ATOMIC)
-            if WRITE_COLS:
-                out = grad_cols_ptr + col_mem[:, None] * D + d_idx[None, :]
-                _accumulate(out, g_cols, col_tile_ok, ATOMIC)
-
-
-# Panel backward: the off-diagonal gradient of the gated anchors of one side, in panels of
-# P compacted gated anchors, with no float atomics. Per panel: the activity kernel writes
-# A (P x n_other, 0/1 in the input dtype), then two tl.dot GEMMs whose output tiles are
-# each owned by one program: the gated side's rows of the gradient (A @ other) and the
-# other side's whole gradient (A.T @ (coef * gated)), added panel after panel in launch
-# order. So the result does not depend on the order in which programs run.
+                part -= sums_a
+                ws_ptr, order_ptr, grad_ptr, count = ws_b_ptr, col_order_ptr, grad_cols_ptr, prev_b
+            g = (part // d_blocks) * GM + tl.arange(0, GM)
+            g_ok = g < count
+            d_idx = (part % d_blocks) * GD + tl.arange(0, GD)
+            ok = g_ok[:, None] & (d_idx < D)[None, :]
+            acc = tl.zeros((GM, GD), dtype=tl.float32)
+            for k_split in range(0, split):
+                ws_rows = (k_split * split_rows + g).to(tl.int64)
+                acc += tl.load(ws_ptr + ws_rows[:, None] * D + d_idx[None, :], mask=ok, other=0.0)
+            mem = tl.load(order_ptr + (step - 1) * panel + g, mask=g_ok, other=0).to(tl.int64)
+            out = grad_ptr + mem[:, None] * D + d_idx[None, :]
+            tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
+        item = _claim(state_ptr, launch, total, REVERSE)
 
 
 @triton.jit
-def panel_activity_kernel(
+def _w_tile(w_ptr, ld, m, k, m_end, k_end, W_IS_KM: tl.constexpr):
+    """The (M, K) operand tile of W: W[m, k] from a row-major (m, k) buffer, or W[k, m]
+    (W_IS_KM). The contiguous index is read up to its end rounded up to 16 (zeros there,
+    see weights_kernel), so that its mask covers whole aligned vectors (async copies)."""
+    if W_IS_KM:
+        ptrs = w_ptr + k[None, :].to(tl.int64) * ld + m[:, None]
+        mask = (m < tl.cdiv(m_end, 16) * 16)[:, None] & (k < k_end)[None, :]
+    else:
+        ptrs = w_ptr + m[:, None].to(tl.int64) * ld + k[None, :]
+        mask = (m < m_end)[:, None] & (k < tl.cdiv(k_end, 16) * 16)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gated_product(
+    w_ptr, ld, count, n_other, x_ptr, stride_xn, stride_xk, gather_ptr, ws_ptr, scale, D,
+    block, d_block, k_split, split, split_rows,
+    W_IS_KM: tl.constexpr, GATHER: tl.constexpr, GM: tl.constexpr, GD: tl.constexpr,
+    GK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Workspace rows ``k_split * split_rows + g`` = scale * (W[g, K part] @ x[K part]) for
+    one GM x GD tile of the gated anchors g; x rows are plain (A: columns) or through
+    ``gather_ptr`` (B: other rows)."""
+    g = block * GM + tl.arange(0, GM)
+    g_ok = g < count
+    d_idx = d_block * GD + tl.arange(0, GD)
+    d_ok = d_idx < D
+    chunk = tl.cdiv(tl.cdiv(n_other, split), GK) * GK
+    k_lo = k_split * chunk
+    k_hi = tl.minimum(k_lo + chunk, n_other)
+    acc = tl.zeros((GM, GD), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, GK):
+        k = k0 + tl.arange(0, GK)
+        a = _w_tile(w_ptr, ld, g, k, count, k_hi, W_IS_KM)
+        k_ok = k < k_hi
+        if GATHER:
+            mem = tl.load(gather_ptr + k, mask=k_ok, other=0).to(tl.int64)
+        else:
+            mem = k.to(tl.int64)
+        x = tl.load(
+            x_ptr + mem[:, None] * stride_xn + d_idx[None, :] * stride_xk,
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = mma(a, x, acc, PRECISION, UPCAST)
+    ws_rows = (k_split * split_rows + g).to(tl.int64)
+    tl.store(
+        ws_ptr + ws_rows[:, None] * D + d_idx[None, :],
+        acc * scale,
+        mask=g_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _other_product(
+    w_ptr, ld, count, n_out, x_ptr, stride_xn, stride_xk, order_ptr, out_order_ptr, grad_ptr,
+    scale, inv_scale, D, block, d_block,
+    W_IS_KM: tl.constexpr, OUT_GATHER: tl.constexpr, GM: tl.constexpr, GD: tl.constexpr,
+    GK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """grad[o] += W[o, :count] @ x[order[:count]] * scale for one GM x GD tile of the
+    other side; output rows plain (A: columns) or through ``out_order_ptr`` (B: other
+    rows). The accumulator starts from grad[o] / scale, so the epilogue holds one tile
+    (two more fp32 roundings of the running sum per panel; none for a power-of-two scale)."""
+    o = block * GM + tl.arange(0, GM)
+    o_ok = o < n_out
+    d_idx = d_block * GD + tl.arange(0, GD)
+    d_ok = d_idx < D
+    if OUT_GATHER:
+        out_mem = tl.load(out_order_ptr + o, mask=o_ok, other=0).to(tl.int64)
+    else:
+        out_mem = o.to(tl.int64)
+    out = grad_ptr + out_mem[:, None] * D + d_idx[None, :]
+    ok = o_ok[:, None] & d_ok[None, :]
+    acc = tl.load(out, mask=ok, other=0.0) * inv_scale
+    for g0 in range(0, count, GK):
+        g = g0 + tl.arange(0, GK)
+        a = _w_tile(w_ptr, ld, o, g, n_out, count, W_IS_KM)
+        g_ok = g < count
+        mem = tl.load(order_ptr + g, mask=g_ok, other=0).to(tl.int64)
+        x = tl.load(
+            x_ptr + mem[:, None] * stride_xn + d_idx[None, :] * stride_xk,
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = mma(a, x, acc, PRECISION, UPCAST)
+    # Two different stores: merged into one tail, the two callers' accumulators would
+    # share registers and the compiler would serialise their tensor-core loops. The
+    # other rows' gradient (B) is rarely read again within the backward: streamed.
+    if OUT_GATHER:
+        tl.store(out, acc * scale, mask=ok, cache_modifier=".cs")
+    else:
+        tl.store(out, acc * scale, mask=ok)
+
+
+@triton.jit(do_not_specialize=["step"])
+def products_kernel(
     rows_ptr,
     cols_ptr,
-    col_pos_ptr,
-    row_ids_ptr,
-    col_ids_ptr,
-    gated_index_ptr,
-    gated_count_ptr,
-    act_ptr,
-    tile_counter_ptr,
+    row_order_ptr,
+    col_order_ptr,
+    state_ptr,
+    w_a_ptr,
+    w_b_ptr,
+    ws_a_ptr,
+    ws_b_ptr,
+    grad_rows_ptr,
+    grad_cols_ptr,
     b,
     N,
     D,
-    row_offset,
     stride_rm,
     stride_rk,
     stride_cn,
     stride_ck,
-    margin,
-    panel_start,
-    GATED_IS_ROW: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    COUNT_TILES: tl.constexpr,
-    REVERSE: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """act[g, o] = 1[hinge of gated anchor panel_start + g against o active], else 0.
-
-    Grid (gated blocks of the panel, blocks of the other side). The gated side is read
-    through its compacted index list; S comes from ``score_tile`` with the forward's
-    tiling, so the activity is the forward's bit for bit. ``act`` is row-major
-    (P, n_other) with n_other = N for gated rows and b for gated columns. Programs whose
-    gated block starts past the device-side count store nothing.
-    """
-    pid_gated, pid_other = block_ids(REVERSE)
-    count = tl.load(gated_count_ptr)
-    if GATED_IS_ROW:
-        rb = panel_start // BM + pid_gated
-        cb = pid_other
-        first = tl.cast(rb, tl.int64) * BM
-    else:
-        rb = pid_other
-        cb = panel_start // BN + pid_gated
-        first = tl.cast(cb, tl.int64) * BN
-    if first < count:
-        row_mem, row_ok = _block_of(rb, b, gated_index_ptr, count, GATED_IS_ROW, BM)
-        col_mem, col_ok = _block_of(cb, N, gated_index_ptr, count, GATED_IS_ROW == 0, BN)
-        row_glob = row_offset + row_mem
-        s = score_tile(
-            rows_ptr, cols_ptr, row_mem, col_mem, row_ok, col_ok, D,
-            stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
-        )  # fmt: skip
-        if COUNT_TILES:
-            tl.atomic_add(tile_counter_ptr, 1)
-        valid = valid_pairs(
-            row_glob, col_mem, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_mem, col_mem,
-            HAS_IDS,
-        )  # fmt: skip
-        mask = row_ok[:, None] & col_ok[None, :]
-        if GATED_IS_ROW:
-            d_anchor = tl.load(col_pos_ptr + row_glob, mask=row_ok, other=0.0)
-            active = valid & ((margin + s) - d_anchor[:, None] > 0.0)
-            g_loc = first + tl.arange(0, BM) - panel_start
-            ptrs = act_ptr + g_loc[:, None] * N + col_mem[None, :]
-        else:
-            d_anchor = tl.load(col_pos_ptr + col_mem, mask=col_ok, other=0.0)
-            active = valid & ((margin + s) - d_anchor[None, :] > 0.0)
-            g_loc = first + tl.arange(0, BN) - panel_start
-            ptrs = act_ptr + g_loc[None, :] * b + row_mem[:, None]
-        tl.store(ptrs, tl.where(active, 1.0, 0.0).to(act_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def panel_gated_grad_kernel(
-    act_ptr,
-    other_ptr,
-    coef_ptr,
-    gated_index_ptr,
-    gated_count_ptr,
-    grad_ptr,
-    n_other,
-    D,
-    stride_xn,
-    stride_xk,
-    panel_start,
+    step,
+    panel,
+    ld_a,
+    split_target,
     REVERSE: tl.constexpr,
     GM: tl.constexpr,
     GD: tl.constexpr,
@@ -294,106 +437,57 @@ def panel_gated_grad_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """grad[index[panel_start + g]] += coef * (act[g, :] @ other) for the panel's anchors.
+    """The gradient products of panel ``step`` (W layouts in weights_kernel). Items,
+    longest first: the gated-side tiles of A and B (times their K splits, into the
+    workspaces), then the other-side tiles of A (grad_cols) and B (grad_rows of the
+    other rows)."""
+    scale = tl.load(state_ptr + SCALE_BITS).to(tl.float32, bitcast=True)
+    inv_scale = tl.div_rn(1.0, scale)  # a plain / is approximate on GPUs
+    kr, others, in_a, in_b = _panel(state_ptr, step, b, panel)
+    d_blocks = tl.cdiv(D, GD)
+    split, split_rows = _split(in_a, in_b, split_target, d_blocks, panel, GM)
+    a_blocks = tl.cdiv(in_a, GM)
+    b_blocks = tl.cdiv(in_b, GM)
+    gated_a = a_blocks * d_blocks * split
+    gated = gated_a + b_blocks * d_blocks * split
+    other_a = tl.where(in_a > 0, tl.cdiv(N, GM) * d_blocks, 0)
+    total = gated + other_a + tl.where(in_b > 0, tl.cdiv(others, GM) * d_blocks, 0)
+    start = step * panel
+    launch = 2 * step + 1
 
-    Grid (panel blocks of GM anchors, blocks of GD embedding columns); each program owns
-    its output tile (compacted indices are unique), and the product of the exact 0/1
-    activity is scaled by the fp32 coefficient after the fp32 accumulation.
-    """
-    pid_g, pid_d = block_ids(REVERSE)
-    count = tl.load(gated_count_ptr)
-    g_loc = tl.cast(pid_g, tl.int64) * GM + tl.arange(0, GM)
-    if panel_start + pid_g * GM < count:
-        g_ok = panel_start + g_loc < count
-        mem = tl.load(gated_index_ptr + panel_start + g_loc, mask=g_ok, other=0).to(tl.int64)
-        d_idx = tl.cast(pid_d, tl.int64) * GD + tl.arange(0, GD)
-        d_ok = d_idx < D
-        offs_k = tl.arange(0, GK).to(tl.int64)  # o * stride_xn may pass 2**31
-        acc = tl.zeros((GM, GD), dtype=tl.float32)
-        for o0 in range(0, n_other, GK):
-            o = o0 + offs_k
-            o_ok = o < n_other
-            # Rows past the count hold another panel's (or no) data: masked to 0.
-            a = tl.load(
-                act_ptr + g_loc[:, None] * n_other + o[None, :],
-                mask=g_ok[:, None] & o_ok[None, :],
-                other=0.0,
-            )
-            x = tl.load(
-                other_ptr + o[:, None] * stride_xn + d_idx[None, :] * stride_xk,
-                mask=o_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc = mma(a, x, acc, PRECISION, UPCAST)
-        coef = tl.load(coef_ptr + mem, mask=g_ok, other=0.0)
-        out = grad_ptr + mem[:, None] * D + d_idx[None, :]
-        out_ok = g_ok[:, None] & d_ok[None, :]
-        tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * coef[:, None], mask=out_ok)
-
-
-@triton.jit
-def panel_other_grad_kernel(
-    act_ptr,
-    gated_ptr,
-    coef_ptr,
-    gated_index_ptr,
-    gated_count_ptr,
-    grad_ptr,
-    n_other,
-    D,
-    stride_xn,
-    stride_xk,
-    panel_start,
-    panel_size,
-    REVERSE: tl.constexpr,
-    GM: tl.constexpr,
-    GD: tl.constexpr,
-    GK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """grad[o] += sum over the panel's anchors g of act[g, o] * coef_g * gated[index[g]].
-
-    Grid (blocks of GM other-side anchors, blocks of GD embedding columns); each program
-    owns its output tile for the whole panel (read-add-write, no atomics). Each K step of
-    GK anchors scales its operand by coef / max|coef| of those anchors and the product
-    back by that max, so 16-bit operands neither underflow nor lose the coefficient.
-    """
-    pid_o, pid_d = block_ids(REVERSE)
-    count = tl.load(gated_count_ptr)
-    n_gated = tl.minimum(count - panel_start, panel_size)
-    if n_gated > 0:
-        if UPCAST:  # the interpreter's bfloat16 casts are not round-to-nearest
-            dtype = tl.float32
-        else:
-            dtype = gated_ptr.dtype.element_ty
-        o = tl.cast(pid_o, tl.int64) * GM + tl.arange(0, GM)
-        o_ok = o < n_other
-        d_idx = tl.cast(pid_d, tl.int64) * GD + tl.arange(0, GD)
-        d_ok = d_idx < D
-        offs_k = tl.arange(0, GK).to(tl.int64)
-        zero = tl.zeros((GM, GD), dtype=tl.float32)
-        acc = tl.zeros((GM, GD), dtype=tl.float32)
-        for g0 in range(0, n_gated, GK):
-            g_loc = g0 + offs_k
-            g_ok = g_loc < n_gated
-            mem = tl.load(gated_index_ptr + panel_start + g_loc, mask=g_ok, other=0)
-            mem = mem.to(tl.int64)
-            a_t = tl.load(
-                act_ptr + g_loc[None, :] * n_other + o[:, None],
-                mask=o_ok[:, None] & g_ok[None, :],
-                other=0.0,
-            )
-            coef = tl.load(coef_ptr + mem, mask=g_ok, other=0.0)
-            cmax = tl.max(tl.abs(coef), axis=0)
-            cmax = tl.where(cmax > 0.0, cmax, 1.0)
-            x = tl.load(
-                gated_ptr + mem[:, None] * stride_xn + d_idx[None, :] * stride_xk,
-                mask=g_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            scaled = (x.to(tl.float32) * (coef / cmax)[:, None]).to(dtype)
-            acc += mma(a_t, scaled, zero, PRECISION, UPCAST) * cmax
-        out = grad_ptr + o[:, None] * D + d_idx[None, :]
-        out_ok = o_ok[:, None] & d_ok[None, :]
-        tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc, mask=out_ok)
+    item = _claim(state_ptr, launch, total, REVERSE)
+    while item < total:
+        if item < gated:  # W @ other side: partial sums into the workspaces
+            is_a = item < gated_a
+            part = tl.where(is_a, item, item - gated_a)
+            blocks = tl.where(is_a, a_blocks, b_blocks)
+            block = (part // d_blocks) % blocks
+            k_split = part // (d_blocks * blocks)
+            if is_a:  # grad_rows[gated rows]: W_A @ cols
+                _gated_product(
+                    w_a_ptr, ld_a, in_a, N, cols_ptr, stride_cn, stride_ck, row_order_ptr,
+                    ws_a_ptr, scale, D, block, part % d_blocks, k_split, split, split_rows,
+                    False, False, GM, GD, GK, PRECISION, UPCAST,
+                )  # fmt: skip
+            else:  # grad_cols[gated columns]: W_B.T @ rows[other rows]
+                _gated_product(
+                    w_b_ptr, panel, in_b, others, rows_ptr, stride_rm, stride_rk,
+                    row_order_ptr + kr, ws_b_ptr, scale, D, block, part % d_blocks, k_split,
+                    split, split_rows, True, True, GM, GD, GK, PRECISION, UPCAST,
+                )  # fmt: skip
+        elif item < gated + other_a:  # grad_cols += W_A.T @ rows[gated rows of the panel]
+            part = item - gated
+            _other_product(
+                w_a_ptr, ld_a, in_a, N, rows_ptr, stride_rm, stride_rk, row_order_ptr + start,
+                row_order_ptr, grad_cols_ptr, scale, inv_scale, D, part // d_blocks,
+                part % d_blocks,
+                True, False, GM, GD, GK, PRECISION, UPCAST,
+            )  # fmt: skip
+        else:  # grad_rows[other rows] += W_B @ cols[gated columns of the panel]
+            part = item - gated - other_a
+            _other_product(
+                w_b_ptr, panel, in_b, others, cols_ptr, stride_cn, stride_ck,
+                col_order_ptr + start, row_order_ptr + kr, grad_rows_ptr, scale, inv_scale, D,
+                part // d_blocks, part % d_blocks, False, True, GM, GD, GK, PRECISION, UPCAST,
+            )  # fmt: skip
+        item = _claim(state_ptr, launch, total, REVERSE)

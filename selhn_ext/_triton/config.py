@@ -8,25 +8,14 @@ decoding, the fixed-order sum of deterministic slots) is a plain PyTorch op.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 
-# Read once, like dispatch.py: the interpreter is chosen before triton is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
-
-# The dense backward: "tiles" (each recomputed tile adds its products into the gradients;
-# float atomics unless deterministic) or "panel" (panels of gated anchors, tensor-core
-# GEMMs with owned output tiles, no float atomics: deterministic by construction).
-BACKWARD_PATHS = ("tiles", "panel")
-BACKWARD_PATH = os.environ.get("SELHN_TRITON_BACKWARD", "tiles")
-if BACKWARD_PATH not in BACKWARD_PATHS:
-    raise ValueError(
-        f"SELHN_TRITON_BACKWARD must be one of {', '.join(BACKWARD_PATHS)}, got {BACKWARD_PATH!r}"
-    )
+from ..dispatch import TRITON_INTERPRET, TRITON_MAX_COLUMNS
+from ..kernel_interface import Block
 
 
 @dataclass(frozen=True)
@@ -70,14 +59,12 @@ class TestingSwitches:
     ``reverse_block_order``: every kernel visits its program ids in reverse order.
     ``tile_counter``: a (1,) int32 device tensor the backward kernels increment once per
     recomputed S tile.
-    ``backward``: "tiles" or "panel" overrides SELHN_TRITON_BACKWARD (None: use it).
-    ``panel_size``: the panel backward's P (a positive multiple of PANEL_UNIT), so that
-    small batches span several panels (None: ``panel_size()``).
+    ``panel_size``: the backward's P, gated anchors per panel (a positive multiple of
+    PANEL_UNIT), so that small batches span several panels (None: ``panel_size()``).
     """
 
     reverse_block_order: bool = False
     tile_counter: Tensor | None = None
-    backward: str | None = None
     panel_size: int | None = None
 
 
@@ -91,21 +78,13 @@ def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 def upcast(dtype: torch.dtype) -> bool:
     """Under the interpreter, bfloat16 products go through an exact fp32 upcast."""
-    return INTERPRETED and dtype == torch.bfloat16
+    return TRITON_INTERPRET and dtype == torch.bfloat16
 
 
 def block_config(dtype: torch.dtype) -> BlockConfig:
     if dtype not in CONFIGS:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
     return CONFIGS[dtype]
-
-
-def backward_path() -> str:
-    """The dense backward in use: the test switch if set, else SELHN_TRITON_BACKWARD."""
-    path = testing.backward if testing.backward is not None else BACKWARD_PATH
-    if path not in BACKWARD_PATHS:
-        raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {path!r}")
-    return path
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -138,7 +117,7 @@ def tma_allowed(x: Tensor, allow_tf32: bool) -> bool:
     aligned = aligned and x.data_ptr() % 16 == 0
     if x.device.type == "cuda":
         return aligned and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return aligned and INTERPRETED
+    return aligned and TRITON_INTERPRET
 
 
 def ids_or_placeholder(ids: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
@@ -148,24 +127,7 @@ def ids_or_placeholder(ids: Tensor | None, device: torch.device) -> tuple[Tensor
     return ids.to(torch.int64).contiguous(), True
 
 
-def check_block(
-    rows: Tensor, cols: Tensor, col_pos: Tensor, row_offset: int, row_ids, col_ids
-) -> None:
-    if (row_ids is None) != (col_ids is None):
-        raise ValueError("row_ids and col_ids must be given together")
-    if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
-        raise ValueError(
-            f"rows and cols must be (b, D) and (N, D), got {tuple(rows.shape)} and "
-            f"{tuple(cols.shape)}"
-        )
-    if rows.dtype != cols.dtype:
-        raise TypeError(f"rows and cols must share a dtype, got {rows.dtype} and {cols.dtype}")
-    if col_pos.shape != (cols.shape[0],):
-        raise ValueError(f"col_pos must have shape ({cols.shape[0]},), got {tuple(col_pos.shape)}")
-    if not 0 <= row_offset <= cols.shape[0] - rows.shape[0]:
-        raise ValueError(
-            f"row_offset {row_offset} puts rows outside the {cols.shape[0]} columns "
-            f"(b = {rows.shape[0]})"
-        )
-    if cols.shape[0] >= 2**31:
-        raise ValueError(f"the Triton kernels take fewer than 2**31 columns, got {cols.shape[0]}")
+def check_block(block: Block) -> None:
+    """The kernels' own limit (dispatch.py knows it too, and reports it before a call)."""
+    if block.n > TRITON_MAX_COLUMNS:
+        raise ValueError(f"the Triton kernels index columns with int32, got N = {block.n}")

@@ -10,7 +10,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..kernel_interface import DirectionStats
+from ..kernel_interface import Block, DirectionStats
 from .config import (
     FORWARD_CPU_PROGRAMS,
     FORWARD_PROGRAMS_PER_SM,
@@ -69,18 +69,11 @@ def program_split(tiles: int, masked: int, device: torch.device) -> tuple[int, i
 
 
 def partials(
-    rows: Tensor,
-    cols: Tensor,
-    col_pos: Tensor,
-    row_offset: int,
-    row_ids: Tensor | None,
-    col_ids: Tensor | None,
-    margin: float,
-    *,
-    deterministic: bool = False,
-    allow_tf32: bool = False,
+    block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
 ) -> tuple[DirectionStats, DirectionStats]:
-    check_block(rows, cols, col_pos, row_offset, row_ids, col_ids)
+    check_block(block)
+    rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
+    row_ids, col_ids = block.row_ids, block.col_ids
     cfg = block_config(rows.dtype)
     b, n_cols, dim = rows.shape[0], cols.shape[0], rows.shape[1]
     device = rows.device

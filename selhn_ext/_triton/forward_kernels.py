@@ -141,7 +141,7 @@ def merge_direction(
     tl.atomic_add(cnt_ptr + offs, tl.sum(active, axis=AXIS).to(tl.int32), sem="relaxed")
     hinge_sum = tl.sum(arg * active, axis=AXIS)
     if MASKED:
-        unsure = (best <= SENTINEL) | (margin >= BIG)
+        unsure = (best <= SENTINEL) | (margin >= BIG) | (d_anchor <= -BIG)
         hinge_sum = tl.where(unsure, float("nan"), hinge_sum)
     if DETERMINISTIC:
         tl.store(slot_ptr + offs, tl.load(slot_ptr + offs) + hinge_sum)
