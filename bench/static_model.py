@@ -39,9 +39,14 @@ DIMS = (256, 1024)  # embedding sizes of the profile's rows and of the model
 #   Triton path, gpu-performance.md: forward 4 B x D-sized ops and 65 O(B) ops,
 #   backward 21 and 54, about 3.8 GB at B = 16384, D = 1024) streams at
 #   HBM_EFFICIENCY of the HBM bandwidth plus LAUNCH_S per launch.
-# - Backward (the "tiles" path): each side recomputes every tile of its gated blocks
-#   (ceil(f B / BM) x (B / BN) tiles for gated rows, the same for gated columns), one
-#   launch per side, as BACKWARD_MODEL_LABELS.
+# - Backward (the "panels" variant, selhn_ext/_triton/backward_kernels.py): with a
+#   fraction f of the anchors gated on each side, weights_kernel recomputes the S tiles
+#   touching a gated anchor once (gated rows x every column, other rows x gated columns:
+#   (2 f - f^2) B^2 / (BM BN) tiles) at the rate its profile gives; products_kernel does
+#   two GEMMs per part, (4 f - 2 f^2) x 2 B^2 D flops in all, at the torch.mm efficiency
+#   (MM_EFFICIENCY of peak; its profile is not tile-shaped, so not counted here).
+# - The glue counts above were taken before this work and before the one-pipeline
+#   refactor; the model keeps them until the glue is fused (issue 13, item 2).
 # ---------------------------------------------------------------------------------------
 
 
@@ -69,11 +74,13 @@ HBM_EFFICIENCY = 0.7
 LAUNCH_S = 3e-6
 HEADLINE_B = 16384
 GATED_FRACTIONS = (0.0, 0.01, 0.10, 1.0)
-FORWARD_MODEL_LABEL = "partials torch.{dtype} ieee ids=False deterministic=False"
-BACKWARD_MODEL_LABELS = (
-    "dense_backward torch.{dtype} ieee ids=False deterministic=False pass=0",
-    "dense_backward torch.{dtype} ieee ids=False deterministic=False pass=1",
+# The headline forward: tensor-descriptor loads where the kernel has them (before this
+# work it had none, and its label no tma= part).
+FORWARD_MODEL_LABELS = (
+    "partials torch.{dtype} ieee ids=False deterministic=False tma=True",
+    "partials torch.{dtype} ieee ids=False deterministic=False",
 )
+BACKWARD_MODEL_LABEL = "weights torch.{dtype} ieee ids=False"
 
 
 def resident_ctas(p: Profile) -> int:
@@ -114,7 +121,10 @@ def grid_seconds(p: Profile, tiles: float, masked_tiles: float, dim, device) -> 
     """Tiles over the SMs in whole waves of resident CTAs."""
     if tiles <= 0:
         return 0.0
-    interior, masked = ("interior", "masked") if "interior" in p.epilogue else ("all", "all")
+    # A kernel with one tile loop (the backward; the forward before its two paths) runs
+    # every tile through it.
+    interior = "interior" if "interior" in p.epilogue else next(iter(p.epilogue))
+    masked = "masked" if "masked" in p.epilogue else interior
     mean = (tile_seconds(p, interior, dim, device)["tile"] * (tiles - masked_tiles)
             + tile_seconds(p, masked, dim, device)["tile"] * masked_tiles) / tiles  # fmt: skip
     slots = device.sms * resident_ctas(p)
@@ -137,9 +147,11 @@ def model_rows(profiles: list[Profile]) -> list[dict]:
     by_label = {(p.triton, p.label): p for p in profiles}
     for (version, label), fwd in sorted(by_label.items()):
         dtype = fwd.dtype
-        if label != FORWARD_MODEL_LABEL.format(dtype=dtype) or dtype not in TENSOR_FMA_PER_CLOCK:
+        if label not in {x.format(dtype=dtype) for x in FORWARD_MODEL_LABELS}:
             continue
-        backward = [by_label.get((version, x.format(dtype=dtype))) for x in BACKWARD_MODEL_LABELS]
+        if dtype not in TENSOR_FMA_PER_CLOCK:
+            continue
+        weights = by_label.get((version, BACKWARD_MODEL_LABEL.format(dtype=dtype)))
         b = HEADLINE_B
         for device, dim, frac in (
             (d, n, f) for d in DEVICES for n in DIMS for f in GATED_FRACTIONS
@@ -149,12 +161,10 @@ def model_rows(profiles: list[Profile]) -> list[dict]:
             tiles = math.ceil(b / fwd.BM) * math.ceil(b / fwd.BN)
             fwd_s = grid_seconds(fwd, tiles, diagonal_tiles(b, fwd.BM, fwd.BN), dim, device)
             bwd_s = math.nan
-            if all(backward):
-                gated = math.ceil(frac * b)
-                rows_side = math.ceil(gated / backward[0].BM) * math.ceil(b / backward[0].BN)
-                cols_side = math.ceil(gated / backward[1].BN) * math.ceil(b / backward[1].BM)
-                bwd_s = grid_seconds(backward[0], rows_side, 0, dim, device) \
-                    + grid_seconds(backward[1], cols_side, 0, dim, device)  # fmt: skip
+            if weights is not None:
+                touched = (2 * frac - frac * frac) * b * b / (weights.BM * weights.BN)
+                products = (4 * frac - 2 * frac * frac) * mm
+                bwd_s = grid_seconds(weights, math.ceil(touched), 0, dim, device) + products
             glue = {}
             for direction in ("forward", "backward"):
                 size = b * dim / (16384 * 1024)

@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ptx = compiled.asm.get("ptx", "")
         mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+        loads = "tma" if "cp.async.bulk.tensor" in ptx else "no tma"
         seconds = time.perf_counter() - start
-        print(f"ok   {label}: {seconds:.1f} s, {mma}, shared {compiled.metadata.shared} B",
-              flush=True)  # fmt: skip
+        print(f"ok   {label}: {seconds:.1f} s, {mma}, {loads}, shared "
+              f"{compiled.metadata.shared} B", flush=True)  # fmt: skip
     print(f"{total - failures}/{total} specializations compiled", flush=True)
     return 1 if failures else 0
 
