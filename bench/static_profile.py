@@ -485,6 +485,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def merged_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows``, after the rows of ``path`` for the specialisations (triton version and
+    label) that ``rows`` does not cover: profiling a few kernels keeps the others' rows."""
+    if not path.exists():
+        return rows
+    new = {(row["triton"], row["label"]) for row in rows}
+    with open(path, newline="") as handle:
+        kept = [row for row in csv.DictReader(handle) if (row["triton"], row["label"]) not in new]
+    if kept and list(kept[0]) != list(rows[0]):
+        return rows  # an older column layout: start again
+    return kept + rows
+
+
 def print_summary(profiles: list[Profile], model: list[dict]) -> None:
     print("static sm_90 profile: thread instructions per S element (D = 1024)")
     print(
@@ -537,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model_rows(profiles)
     print_summary(profiles, model)
     if not args.no_write and profiles:
-        write_csv(STATIC_CSV, static_rows(profiles))
+        write_csv(STATIC_CSV, merged_rows(STATIC_CSV, static_rows(profiles)))
         if model:
             write_csv(MODEL_CSV, model)
     if args.check_no_spill:
