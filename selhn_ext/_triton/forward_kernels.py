@@ -29,7 +29,7 @@ from .tile import NO_KEY, score_tile_at
 NEG_INF = tl.constexpr(float("-inf"))
 INT32_MAX = tl.constexpr(2147483647)
 # Invalid pairs of a masked tile take this score (-FLT_MAX): below every valid max the
-# fast epilogue accepts, and finite, so that no hinge product is NaN.
+# fast epilogue accepts, and finite, so that no hinge argument is NaN.
 SENTINEL = tl.constexpr(-3.4028234663852886e38)
 # Masked tiles leave to the exact fixup the anchors with d at or below -BIG, or all of
 # them when margin is at or above BIG: their SENTINEL pairs could look active.
@@ -118,12 +118,14 @@ def merge_direction(
     No validity work: a MASKED tile comes with its invalid pairs set to SENTINEL. Float
     max (NaN dropped), then the first index at it. The hinge argument is (margin + S) -
     d_anchor, rounded as in the backward; activity is 1.0 / 0.0, the count its sum (exact:
-    at most the tile size) and the hinge sum that of argument x activity. Keys and counts
+    at most the tile size), the hinge sum that of max(argument, 0) with NaN kept (one
+    float max per pair; the product argument x activity needs more registers, and spills
+    under triton 3.6). Keys and counts
     merge with integer atomics (order-free). Results are merged as soon as known, so that
     few reduced vectors are alive at once (registers).
 
-    Exact unless a score is NaN, or an argument NaN or -inf: each makes the anchor's
-    hinge sum NaN. MASKED, a max at or below SENTINEL (no valid pair, or -inf and
+    Exact unless a hinge argument is NaN (a NaN score, d or margin, or inf - inf): it
+    makes the anchor's hinge sum NaN. MASKED, a max at or below SENTINEL (no valid pair, or -inf and
     -FLT_MAX scores), or an extreme d or margin, sets it to NaN too. exact_fixup_kernel
     recomputes every anchor whose merged hinge sum is NaN."""
     best = tl.max(s, axis=AXIS)
@@ -139,7 +141,7 @@ def merge_direction(
         arg = (margin + s) - d_anchor[None, :]
     active = tl.where(arg > 0.0, 1.0, 0.0)
     tl.atomic_add(cnt_ptr + offs, tl.sum(active, axis=AXIS).to(tl.int32), sem="relaxed")
-    hinge_sum = tl.sum(arg * active, axis=AXIS)
+    hinge_sum = tl.sum(tl.maximum(arg, 0.0, propagate_nan=tl.PropagateNan.ALL), axis=AXIS)
     if MASKED:
         unsure = (best <= SENTINEL) | (margin >= BIG) | (d_anchor <= -BIG)
         hinge_sum = tl.where(unsure, float("nan"), hinge_sum)
