@@ -256,14 +256,22 @@ def load_for_eval(
     path: str | os.PathLike, device: Any = "cpu", vocab_path: str | os.PathLike | None = None
 ) -> LoadedModel:
     """An rvsepp checkpoint (``best.pt``, ``last.pt``) or a released one, ready to evaluate."""
-    from .checkpoint import check_contents, model_from_checkpoint
+    from .checkpoint import CheckpointError, check_contents, model_from_checkpoint
     from .config import config_from_dict
 
     payload = read_checkpoint_file(path)
     if is_released_checkpoint(payload):
         return load_released_model(payload, vocab_path, device, source=str(path))
     # An rvsepp checkpoint (its checksum verified), or an error saying what the file is.
-    checkpoint = check_contents(payload, path)
+    try:
+        checkpoint = check_contents(payload, path)
+    except CheckpointError as error:
+        if isinstance(payload, Mapping) and "format" in payload:
+            raise  # an rvsepp checkpoint, damaged or of another format: the error says so
+        raise CheckpointError(
+            f"{error}; it is neither an rvsepp checkpoint nor a released one (a dict whose "
+            "'model' entry holds the image and the text encoders' state dicts)"
+        ) from None
     if vocab_path is not None:
         raise ValueError(f"{path} is an rvsepp checkpoint with its vocabulary; drop --vocab")
     model, vocab = model_from_checkpoint(checkpoint, device, source=path)
