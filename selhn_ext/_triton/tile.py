@@ -6,12 +6,12 @@ pointers) and in the backward's recompute (``score_tile``: pointers, gathered ro
 the backward sees the forward's active hinges bit for bit.
 
 Row / column maxima and their arguments are merged across programs with one packed
-64-bit key per anchor (``tl.atomic_max`` on int64):
+64-bit key per anchor (``tl.atomic_max`` on int64; formed by the forward's ``packed_key``):
 
     key = orderable(max) << 32 | (0xFFFFFFFF - global_index)
 
 ``orderable`` maps a float's bits to an int32 that sorts like the float, with -0.0 mapped
-to +0.0 and every NaN to the largest value, so the largest key holds the largest score
+to +0.0 and a (positive) NaN above +inf, so the largest key holds the largest score
 (NaN first) and, among equal scores, the smallest index. ``NO_KEY`` (int64 min) means no
 valid negative was seen.
 """
@@ -21,21 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INT32_MIN = tl.constexpr(-2147483648)
-INT32_MAX = tl.constexpr(2147483647)
 NO_KEY = tl.constexpr(-9223372036854775808)
-LOW_MASK = tl.constexpr(0xFFFFFFFF)
-
-
-@triton.jit
-def block_ids(REVERSE: tl.constexpr):
-    """(axis-0, axis-1) program ids, visited in reverse when the test switch asks for it."""
-    pid0 = tl.program_id(0)
-    pid1 = tl.program_id(1)
-    if REVERSE:
-        pid0 = tl.num_programs(0) - 1 - pid0
-        pid1 = tl.num_programs(1) - 1 - pid1
-    return pid0, pid1
 
 
 @triton.jit
@@ -132,25 +118,3 @@ def valid_pairs(
         cid = tl.load(col_ids_ptr + col_mem, mask=col_ok, other=0)
         valid = valid & (rid[:, None] != cid[None, :])
     return valid
-
-
-@triton.jit
-def orderable(s):
-    """int32 that sorts like the fp32 ``s``; -0.0 -> +0.0, NaN -> INT32_MAX."""
-    bits = s.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = tl.where(key == -1, 0, key)
-    return tl.where(s != s, INT32_MAX, key)
-
-
-@triton.jit
-def pack(best, index):
-    """Packed key of an int32 orderable max and its int64 global index."""
-    key = (best.to(tl.int64) << 32) | (LOW_MASK - index)
-    return tl.where(best == INT32_MIN, NO_KEY, key)
-
-
-@triton.jit
-def hinge(arg, valid):
-    """relu(arg) on valid pairs; written so that NaN survives (NaN <= 0 is false)."""
-    return tl.where(valid & ~(arg <= 0.0), arg, 0.0)
