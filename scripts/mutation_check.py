@@ -252,19 +252,20 @@ MUTANTS = [
     # ------------------------------------------------------------------------- Triton
     Mutant(
         "nan-key-triton",
-        "selhn_ext/_triton/tile.py",
-        "return tl.where(s != s, INT32_MAX, key)",
-        "return key",
+        "selhn_ext/_triton/forward_kernels.py",
+        'best = tl.where(has_nan, float("nan"), best)',
+        "best = tl.where(has_nan, best, best)",
         ((EXACT, "-k", "triton and nan"),),
-        "the packed max key does not put NaN above every number",
+        "the forward's exact fix-up does not make NaN the max of an anchor with a NaN score",
     ),
     Mutant(
         "nan-hinge-triton",
-        "selhn_ext/_triton/tile.py",
-        "return tl.where(valid & ~(arg <= 0.0), arg, 0.0)",
-        "return tl.where(valid & (arg > 0.0), arg, 0.0)",
+        "selhn_ext/_triton/forward_kernels.py",
+        "hinge_sum = tl.sum(tl.maximum(arg, 0.0, propagate_nan=tl.PropagateNan.ALL), axis=AXIS)",
+        "hinge_sum = tl.sum(tl.where(arg > 0.0, arg, 0.0), axis=AXIS)",
         ((EXACT, "-k", "triton and nan"),),
-        "the Triton hinge drops NaN (NaN > 0 is false)",
+        "the forward's fast epilogue drops a NaN hinge argument (NaN > 0 is false), so the "
+        "anchor is not sent to the exact fix-up",
     ),
     Mutant(
         "hinge-at-zero-triton-backward",

@@ -59,9 +59,9 @@ COMPILED_MAX_COLUMNS = 2**31 - 1
 # CUDA grids: at most 65535 blocks on a grid's y axis (and the kernels use one tile of
 # 64 rows or 64 columns per block on either axis), see csrc/selhn_cuda.cu.
 CUDA_TILE, CUDA_MAX_TILES = 64, 65535
-# The Triton forward packs an anchor's best score and its index in one int64 key, with
-# the index in the low 32 bits (see _triton/tile.py).
-TRITON_MAX_COLUMNS = 2**32 - 1
+# The Triton forward indexes rows and columns with int32 (and packs an anchor's best
+# score and its index in one int64 key, see _triton/tile.py).
+TRITON_MAX_COLUMNS = 2**31 - 1
 
 
 # A limits function takes (N, b, variant); N and b may be None (not known).
@@ -90,7 +90,7 @@ def _cuda_limits(columns: int | None, rows: int | None, variant: str | None) -> 
 
 
 def _triton_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:
-    return _size_reasons(columns, TRITON_MAX_COLUMNS, "the packed keys hold 32-bit indices")
+    return _size_reasons(columns, TRITON_MAX_COLUMNS, "the Triton kernels index with int32")
 
 
 def _no_limits(columns: int | None, rows: int | None, variant: str | None) -> list[str]:

@@ -43,9 +43,9 @@ def test_size_limits_of_every_backend_from_shapes_alone():
     # C++ kernels (CPU and CUDA): int32 column indices.
     assert size_reasons("cpu", "cpu", torch.float64, 2**31)
     assert not size_reasons("cpu", "cpu", torch.float64, 2**31 - 1)
-    # Triton: 32-bit indices in the packed keys.
-    assert not size_reasons("triton", "cuda", f16, 2**32 - 1)
-    assert "packed keys" in size_reasons("triton", "cuda", f16, 2**32)[0]
+    # Triton: int32 indices.
+    assert not size_reasons("triton", "cuda", f16, 2**31 - 1)
+    assert "int32" in size_reasons("triton", "cuda", f16, 2**31)[0]
     # The PyTorch backends take any size.
     for name in ("chunked", "reference"):
         assert not size_reasons(name, "cpu", torch.float32, 2**40)

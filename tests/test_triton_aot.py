@@ -34,11 +34,13 @@ def test_specialization_list_covers_the_dispatch():
     out = _run("--list", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     labels = out.stdout.splitlines()[1:-1]
-    # partials: 4 precisions x ids x deterministic; backward: 4 precisions x (ids x
-    # weights + products); the two compaction kernels.
-    assert len(labels) == 4 * 4 + 4 * (2 + 1) + 2
+    # partials: ids x deterministic x (pointer and descriptor loads for the 3 tensor-core
+    # precisions, pointer loads for fp32 ieee); its exact fix-up: 4 precisions x ids;
+    # backward: 4 precisions x (ids x weights + products); the two compaction kernels.
+    assert len(labels) == 2 * 2 * (3 * 2 + 1) + 4 * 2 + 4 * (2 + 1) + 2
     for needle in ("torch.bfloat16 ieee", "torch.float16 ieee", "torch.float32 ieee",
-                   "torch.float32 tf32", "ids=True", "deterministic=True", "count_kernel",
+                   "torch.float32 tf32", "ids=True", "deterministic=True", "tma=True",
+                   "exact_fixup torch.bfloat16", "count_kernel",
                    "compact_kernel", "weights torch.bfloat16",
                    "products torch.float16 ieee"):  # fmt: skip
         assert any(needle in label for label in labels), needle
@@ -58,3 +60,6 @@ def test_every_specialization_compiles_for_sm90():
     for line in lines:
         if line.startswith("ok") and ("bfloat16" in line or "float16" in line):
             assert "wgmma" in line, line
+        # Tensor-descriptor loads compile to TMA (cp.async.bulk.tensor); pointer loads not.
+        if line.startswith("ok") and "tma=" in line:
+            assert ("tma=True" in line) == (", tma," in line), line

@@ -88,9 +88,19 @@ def specializations(quick: bool = False):
             "row_key_ptr": "*i64", "row_sum_ptr": "*fp32", "row_cnt_ptr": "*i32",
             "col_key_ptr": "*i64", "col_sum_ptr": "*fp32", "col_cnt_ptr": "*i32",
         }  # fmt: skip
-        for has_ids, deterministic in product((False, True), repeat=2):
-            label = f"partials {dtype} {prec} ids={has_ids} deterministic={deterministic}"
-            constexprs = dict(blocks, HAS_IDS=has_ids, DETERMINISTIC=deterministic, REVERSE=False)
+        # Tensor descriptors (TMA) for tensor-core products only (config.tma_allowed).
+        tma_modes = (False,) if prec == "ieee" and dtype == torch.float32 else (False, True)
+        for has_ids, deterministic, tma in product((False, True), (False, True), tma_modes):
+            label = f"partials {dtype} {prec} ids={has_ids} deterministic={deterministic} tma={tma}"
+            constexprs = dict(
+                blocks, HAS_IDS=has_ids, DETERMINISTIC=deterministic, REVERSE=False, USE_TMA=tma
+            )
+            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
+                cfg.num_stages  # fmt: skip
+        fn = forward_kernels.exact_fixup_kernel
+        for has_ids in (False, True):
+            label = f"exact_fixup {dtype} {prec} ids={has_ids}"
+            constexprs = dict(blocks, HAS_IDS=has_ids)
             yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
                 cfg.num_stages  # fmt: skip
 
@@ -166,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ptx = compiled.asm.get("ptx", "")
         mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+        loads = "tma" if "cp.async.bulk.tensor" in ptx else "no tma"
         seconds = time.perf_counter() - start
-        print(f"ok   {label}: {seconds:.1f} s, {mma}, shared {compiled.metadata.shared} B",
-              flush=True)  # fmt: skip
+        print(f"ok   {label}: {seconds:.1f} s, {mma}, {loads}, shared "
+              f"{compiled.metadata.shared} B", flush=True)  # fmt: skip
     print(f"{total - failures}/{total} specializations compiled", flush=True)
     return 1 if failures else 0
 

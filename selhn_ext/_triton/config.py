@@ -39,14 +39,17 @@ CONFIGS: dict[torch.dtype, BlockConfig] = {
 }
 
 
-# Column splits of the forward / inner splits of the backward: enough programs to fill
-# the GPU (a multiple of its SM count); on CPU (the interpreter) a few, so that merging
-# across splits is always exercised.
+# Inner splits of the backward: enough programs to fill the GPU (a multiple of its SM
+# count); on CPU (the interpreter) a few, so that merging across splits is exercised.
 PROGRAMS_PER_SM = 4
 CPU_SPLITS = 3
-# Deterministic forward: row programs each own one slot of the (P, N) column-sum buffer.
-DETERMINISTIC_ROW_PROGRAMS_CUDA = 64
-DETERMINISTIC_ROW_PROGRAMS_CPU = 2
+# The forward's persistent grid: one program per SM (255 registers x 8 warps leave room
+# for one); on CPU a few, so that merging across programs is always exercised.
+FORWARD_PROGRAMS_PER_SM = 1
+FORWARD_CPU_PROGRAMS = 3
+# The forward visits row blocks in groups whose row tiles take about this much memory,
+# so that they stay in L2 while the column tiles stream past.
+L2_GROUP_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -102,6 +105,21 @@ def column_splits(outer_blocks: int, inner_blocks: int, device: torch.device) ->
     return triton.cdiv(inner_blocks, per_split), per_split
 
 
+def tma_allowed(x: Tensor, allow_tf32: bool) -> bool:
+    """Whether the forward reads ``x`` through a tensor descriptor (TMA on sm_90): for
+    tensor-core products (16-bit, or fp32 with TF32; the fp32 FMA product keeps pointer
+    loads, spill-free), with unit stride along D and 16-byte aligned rows, on sm_90+ or
+    in the interpreter (which runs descriptors too). Other cases take the pointer loads
+    of the same kernel."""
+    if precision(x.dtype, allow_tf32) == "ieee" and x.dtype == torch.float32:
+        return False
+    aligned = x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+    aligned = aligned and x.data_ptr() % 16 == 0
+    if x.device.type == "cuda":
+        return aligned and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return aligned and TRITON_INTERPRET
+
+
 def ids_or_placeholder(ids: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
     """ids as contiguous int64 (one kernel specialization), or an empty int64 placeholder."""
     if ids is None:
@@ -112,4 +130,4 @@ def ids_or_placeholder(ids: Tensor | None, device: torch.device) -> tuple[Tensor
 def check_block(block: Block) -> None:
     """The kernels' own limit (dispatch.py knows it too, and reports it before a call)."""
     if block.n > TRITON_MAX_COLUMNS:
-        raise ValueError(f"the packed keys hold indices below 2**32, got N = {block.n}")
+        raise ValueError(f"the Triton kernels index columns with int32, got N = {block.n}")

@@ -1,0 +1,48 @@
+"""The static sm_90 profile of the forward kernel at the headline specialisation (no GPU):
+bench/static_profile.py compiles it ahead of time and reads the cubin.
+
+Fails if the bf16 or fp16 forward spills or uses stack, if it loses wgmma or its TMA
+loads, or if the interior tiles' epilogue at D = 1024 takes more than 20 integer/logic
+(ALU pipe) thread instructions per S element.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import require_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "static_profile.py")
+HEADLINE = "ids=False,deterministic=False,tma=True"
+EPILOGUE_ALU_LIMIT = 20.0
+
+
+@pytest.mark.slow
+@pytest.mark.backend("triton")
+def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
+    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    out = tmp_path / "profiles.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [sys.executable, SCRIPT, "--kernels", "partials_kernel", "--dtypes", "bf16,fp16",
+            "--select", HEADLINE, "--json-out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from static_profile import Profile, static_rows
+
+    profiles = [Profile(**item) for item in json.loads(out.read_text())]
+    assert sorted(p.dtype for p in profiles) == ["bfloat16", "float16"]
+    for p in profiles:
+        assert (p.stack_bytes, p.spill_store_bytes, p.spill_load_bytes) == (0, 0, 0), p.label
+        assert p.wgmma and p.tma_loads, p.label
+        assert set(p.epilogue) == {"interior", "masked"}, p.label
+    for row in static_rows(profiles):
+        if row["D"] == 1024 and row["path"] == "interior":
+            assert 0 < row["epi_alu"] <= EPILOGUE_ALU_LIMIT, row
