@@ -304,6 +304,95 @@ def glue_launches(counter) -> int:
     )  # fmt: skip
 
 
+def _global_batch(dtype):
+    gen = torch.Generator().manual_seed(21)
+    n, dim = 75, 24
+    img = torch.randn(n, dim, generator=gen).to(dtype)
+    txt = (img.float() + 0.8 * torch.randn(n, dim, generator=gen)).to(dtype)
+    ids = torch.randint(0, 60, (n,), generator=gen)
+    return img, txt, ids
+
+
+def _loss_and_grads(loss_fn, img, txt, ids, mode):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = loss_fn(img, txt, margin=MARGIN, eps=EPS, mode=mode, ids=ids, backend="triton")
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad
+
+
+SIZES = (40, 35)  # two ranks: the second block starts at row_offset 40
+DIST_CASES = [(torch.float32, "selhn", True), (torch.bfloat16, "hardest", False)]
+
+
+def _rank_main(rank: int) -> None:
+    """One rank of test_distributed_blocks: its rows of the global batch."""
+    import json
+
+    import torch.distributed as dist
+
+    from selhn_ext import distributed
+
+    dist.init_process_group("gloo")
+    rows = slice(sum(SIZES[:rank]), sum(SIZES[: rank + 1]))
+    out = []
+    for dtype, mode, with_ids in DIST_CASES:
+        img, txt, ids = _global_batch(dtype)
+        loss, g_img, g_txt = _loss_and_grads(
+            distributed.selhn_loss, img[rows], txt[rows], ids[rows] if with_ids else None, mode
+        )
+        out.append([loss.item(), g_img.float().tolist(), g_txt.float().tolist()])
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps(out))
+
+
+@pytest.mark.backend("distributed")
+def test_distributed_blocks(tmp_path):
+    """Two gloo ranks (the second with row_offset 40) give the single-process gradients."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from selhn_ext import functional
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank)],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-4000:]
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    for case, (dtype, mode, with_ids) in enumerate(DIST_CASES):
+        img, txt, ids = _global_batch(dtype)
+        loss, g_img, g_txt = _loss_and_grads(
+            functional.selhn_loss, img, txt, ids if with_ids else None, mode
+        )
+        got_img = torch.cat([torch.tensor(r[case][1]) for r in results])
+        got_txt = torch.cat([torch.tensor(r[case][2]) for r in results])
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-18
+        for got, want in ((got_img, g_img.float()), (got_txt, g_txt.float())):
+            size = want.abs().amax() + 1e-30
+            assert want.abs().amax() > 0
+            assert ((got - want).abs() <= ulp * size).all(), (dtype, mode)
+        for r in results:
+            assert abs(r[case][0] - loss.item()) <= 1e-5 * abs(loss.item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["selhn", "hardest"])
 @pytest.mark.parametrize("with_ids", [False, True])
@@ -362,3 +451,9 @@ def test_cuda_graph_captures_forward_and_backward(mode, with_ids):
     assert torch.equal(static_img.grad, eager_img.grad)
     assert torch.equal(static_txt.grad, eager_txt.grad)
     assert eager_img.grad.abs().sum() > 0  # a gradient that an all-zero bug would fail
+
+
+if __name__ == "__main__":
+    import os
+
+    _rank_main(int(os.environ["RANK"]))
