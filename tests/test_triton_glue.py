@@ -40,9 +40,9 @@ def awkward_side(n: int, n_cols: int, gen: torch.Generator, with_ids: bool) -> A
     d = torch.randn(n, generator=gen)
     best = d - (torch.rand(n, generator=gen) * 0.3 - 0.15)
     eps32 = torch.tensor(EPS, dtype=torch.float32)
-    d[0:4] = torch.tensor([1.0, 1.0, 0.5, float("nan")])
-    best[0:4] = d[0:4] - eps32  # gap exactly eps (fp32 rounding of eps) and its NaN case
-    best[1] = d[1] + eps32
+    # Gaps of exactly +eps and -eps (eps rounded to fp32, as finalize compares), and NaN.
+    d[0:4] = torch.stack([eps32, torch.tensor(0.0), 2 * eps32, torch.tensor(float("nan"))])
+    best[0:4] = torch.stack([torch.tensor(0.0), eps32, eps32, torch.tensor(0.5)])
     best[4:8] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
     d[8:10] = torch.tensor([float("inf"), float("-inf")])
     best[10] = d[10] + MARGIN - 2**-20  # hard hinge just around zero
@@ -76,6 +76,7 @@ def test_finalize_is_bit_identical(mode, with_ids):
     # The decisions the test is about do occur: both gate outcomes, NaN and inf losses.
     want = finalize(row.stats, row.positive, row.negatives, MARGIN, EPS, mode)
     assert want.near_tie.any() and (~want.near_tie).any()
+    assert (want.gap[:3].abs() == torch.tensor(EPS, dtype=torch.float32)).all()
     assert want.loss.isnan().any() and want.loss.isinf().any()
 
 

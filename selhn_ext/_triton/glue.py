@@ -158,6 +158,7 @@ def finalize_forward(
             *row_out, *col_out, *pair_out,
             b, n_cols, row_offset, float(margin), float(eps),
             HAS_N=has_n, MODE=mode, BLOCK=FINALIZE_BLOCK,
+            enable_fp_fusion=False,  # torch rounds every product and sum on its own
         )  # fmt: skip
     loss, gap, gated, near_tie, arg = pair_out
     return (

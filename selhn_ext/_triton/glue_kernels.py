@@ -224,53 +224,83 @@ def gradients_kernel(
     sums run over the sorted (keys, sources) in ascending source order."""
     t = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    weights = (row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr,
+               col_up_ptr, col_dw_ptr, col_hw_ptr, col_act_ptr)  # fmt: skip
+    if t < b:
+        _row_gradient(
+            t, k, cols_ptr, stride_cn, stride_ck, dense_rows_ptr, row_arg_ptr, weights,
+            keys_ptr, sources_ptr, out_rows_ptr, b, N, D, row_offset, search_steps,
+            HAS_DENSE, ROWS_BY_HAND, BLOCK_D,
+        )  # fmt: skip
+    else:
+        _col_gradient(
+            t - b, k, rows_ptr, stride_rm, stride_rk, dense_cols_ptr, col_arg_ptr, weights,
+            keys_ptr, sources_ptr, out_cols_ptr, b, N, D, row_offset, search_steps,
+            HAS_DENSE, COLS_BY_HAND, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _row_gradient(
+    r, k, cols_ptr, stride_cn, stride_ck, dense_rows_ptr, row_arg_ptr, weights, keys_ptr,
+    sources_ptr, out_ptr, b, N, D, row_offset, search_steps,
+    HAS_DENSE: tl.constexpr, BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """grad_rows[r] on the columns ``k`` of D (see gradients_kernel)."""
+    row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr, col_up_ptr, _, col_hw_ptr, _ = weights
     k_ok = k < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if t < b:
-        r = t
-        if HAS_DENSE:
-            acc += tl.load(dense_rows_ptr + r.to(tl.int64) * D + k, mask=k_ok, other=0.0)
-        arg = tl.load(row_arg_ptr + r)
-        w = tl.load(row_up_ptr + r) * tl.load(row_hw_ptr + r)
-        if arg >= 0:
-            x = tl.load(cols_ptr + arg * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
-            acc += w * x.to(tl.float32)
-        first, end = _segment(keys_ptr, b + N, N + r, search_steps)
-        for s in range(first, end):
-            j = tl.load(sources_ptr + s) - b
-            w_j = tl.load(col_up_ptr + j) * tl.load(col_hw_ptr + j)
-            x = tl.load(cols_ptr + j * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
-            acc += w_j * x.to(tl.float32)
-        g = _diagonal_weight(r, row_offset, row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr,
-                             col_up_ptr, col_dw_ptr, col_hw_ptr, col_act_ptr)  # fmt: skip
-        c = (row_offset + r).to(tl.int64)
-        x = tl.load(cols_ptr + c * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
+    if HAS_DENSE:
+        acc += tl.load(dense_rows_ptr + r.to(tl.int64) * D + k, mask=k_ok, other=0.0)
+    arg = tl.load(row_arg_ptr + r)
+    w = tl.load(row_up_ptr + r) * tl.load(row_hw_ptr + r)
+    if arg >= 0:
+        x = tl.load(cols_ptr + arg * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
+        acc += w * x.to(tl.float32)
+    first, end = _segment(keys_ptr, b + N, N + r, search_steps)
+    for s in range(first, end):
+        j = tl.load(sources_ptr + s) - b
+        w_j = tl.load(col_up_ptr + j) * tl.load(col_hw_ptr + j)
+        x = tl.load(cols_ptr + j * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
+        acc += w_j * x.to(tl.float32)
+    g = _diagonal_weight(r, row_offset, *weights)
+    c = (row_offset + r).to(tl.int64)
+    x = tl.load(cols_ptr + c * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
+    acc += g * x.to(tl.float32)
+    out = out_ptr + r.to(tl.int64) * D + k
+    tl.store(out, _to_output(acc, out_ptr.dtype.element_ty, BY_HAND), mask=k_ok)
+
+
+@triton.jit
+def _col_gradient(
+    c, k, rows_ptr, stride_rm, stride_rk, dense_cols_ptr, col_arg_ptr, weights, keys_ptr,
+    sources_ptr, out_ptr, b, N, D, row_offset, search_steps,
+    HAS_DENSE: tl.constexpr, BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """grad_cols[c] on the columns ``k`` of D (see gradients_kernel)."""
+    row_up_ptr, _, row_hw_ptr, _, col_up_ptr, _, col_hw_ptr, _ = weights
+    k_ok = k < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DENSE:
+        acc += tl.load(dense_cols_ptr + c.to(tl.int64) * D + k, mask=k_ok, other=0.0)
+    first, end = _segment(keys_ptr, b + N, c, search_steps)
+    for s in range(first, end):
+        i = tl.load(sources_ptr + s)
+        w_i = tl.load(row_up_ptr + i) * tl.load(row_hw_ptr + i)
+        x = tl.load(rows_ptr + i * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
+        acc += w_i * x.to(tl.float32)
+    q = tl.load(col_arg_ptr + c) - row_offset
+    if (q >= 0) & (q < b):
+        w = tl.load(col_up_ptr + c) * tl.load(col_hw_ptr + c)
+        x = tl.load(rows_ptr + q * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
+        acc += w * x.to(tl.float32)
+    r = c - row_offset
+    if (r >= 0) & (r < b):
+        g = _diagonal_weight(r, row_offset, *weights)
+        x = tl.load(rows_ptr + r.to(tl.int64) * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
         acc += g * x.to(tl.float32)
-        out = out_rows_ptr + r.to(tl.int64) * D + k
-        tl.store(out, _to_output(acc, out_rows_ptr.dtype.element_ty, ROWS_BY_HAND), mask=k_ok)
-    else:
-        c = t - b
-        if HAS_DENSE:
-            acc += tl.load(dense_cols_ptr + c.to(tl.int64) * D + k, mask=k_ok, other=0.0)
-        first, end = _segment(keys_ptr, b + N, c, search_steps)
-        for s in range(first, end):
-            i = tl.load(sources_ptr + s)
-            w_i = tl.load(row_up_ptr + i) * tl.load(row_hw_ptr + i)
-            x = tl.load(rows_ptr + i * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
-            acc += w_i * x.to(tl.float32)
-        q = tl.load(col_arg_ptr + c) - row_offset
-        if (q >= 0) & (q < b):
-            w = tl.load(col_up_ptr + c) * tl.load(col_hw_ptr + c)
-            x = tl.load(rows_ptr + q * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
-            acc += w * x.to(tl.float32)
-        r = c - row_offset
-        if (r >= 0) & (r < b):
-            g = _diagonal_weight(r, row_offset, row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr,
-                                 col_up_ptr, col_dw_ptr, col_hw_ptr, col_act_ptr)  # fmt: skip
-            x = tl.load(rows_ptr + r.to(tl.int64) * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
-            acc += g * x.to(tl.float32)
-        out = out_cols_ptr + c.to(tl.int64) * D + k
-        tl.store(out, _to_output(acc, out_cols_ptr.dtype.element_ty, COLS_BY_HAND), mask=k_ok)
+    out = out_ptr + c.to(tl.int64) * D + k
+    tl.store(out, _to_output(acc, out_ptr.dtype.element_ty, BY_HAND), mask=k_ok)
 
 
 @triton.jit
