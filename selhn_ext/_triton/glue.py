@@ -148,13 +148,16 @@ def finalize_forward(
         for dtype in (torch.float32, torch.float32, torch.bool, torch.bool, torch.int64)
     ]
     has_n = row.negatives is not None
-    row_n = row.negatives if has_n else row.stats.arg
-    col_n = col.negatives if has_n else col.stats.arg
+
+    def inputs(side: AnchorSide) -> list[Tensor]:  # the kernel reads unit-stride vectors
+        n = side.negatives if has_n else side.stats.arg
+        stats = side.stats
+        return [t.contiguous() for t in (stats.max, stats.arg, stats.hinge_sum, side.positive, n)]
+
     blocks = triton.cdiv(b, FINALIZE_BLOCK) + triton.cdiv(n_cols, FINALIZE_BLOCK)
     if blocks:
         finalize_kernel[(blocks,)](
-            row.stats.max, row.stats.arg, row.stats.hinge_sum, row.positive, row_n,
-            col.stats.max, col.stats.arg, col.stats.hinge_sum, col.positive, col_n,
+            *inputs(row), *inputs(col),
             *row_out, *col_out, *pair_out,
             b, n_cols, row_offset, float(margin), float(eps),
             HAS_N=has_n, MODE=mode, BLOCK=FINALIZE_BLOCK,
@@ -194,12 +197,18 @@ def sparse_and_diagonal_backward(
     rows, cols, row_offset = block.rows, block.cols, block.row_offset
     b, n_cols, dim = block.b, block.n, block.dim
     device = rows.device
-    f32 = dict(dtype=torch.float32, device=device)
-    row_up, col_up = row.upstream.to(**f32), col.upstream.to(**f32)
-    row_dw, col_dw = row.dense_weight.to(**f32), col.dense_weight.to(**f32)
-    row_hw, col_hw = row.hard_weight.to(**f32), col.hard_weight.to(**f32)
-    row_arg = row.hardest_index.to(dtype=torch.int64)
-    col_arg = col.hardest_index.to(dtype=torch.int64)
+
+    def vector(t: Tensor, dtype: torch.dtype) -> Tensor:  # unit stride, no copy if already
+        return t.to(dtype).contiguous()
+
+    row_up, col_up = vector(row.upstream, torch.float32), vector(col.upstream, torch.float32)
+    row_dw = vector(row.dense_weight, torch.float32)
+    col_dw = vector(col.dense_weight, torch.float32)
+    row_hw = vector(row.hard_weight, torch.float32)
+    col_hw = vector(col.hard_weight, torch.float32)
+    row_arg = vector(row.hardest_index, torch.int64)
+    col_arg = vector(col.hardest_index, torch.int64)
+    row_active, col_active = row.active.contiguous(), col.active.contiguous()
     sources = b + n_cols
     keys = torch.empty(sources, dtype=torch.int64, device=device)
     if sources:
@@ -218,8 +227,8 @@ def sparse_and_diagonal_backward(
         gradients_kernel[(sources, triton.cdiv(dim, block_d))](
             rows, cols, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             dense_rows, dense_cols,
-            row_up, row_arg, row_dw, row_hw, row.active,
-            col_up, col_arg, col_dw, col_hw, col.active,
+            row_up, row_arg, row_dw, row_hw, row_active,
+            col_up, col_arg, col_dw, col_hw, col_active,
             keys, order, out_rows, out_cols,
             b, n_cols, dim, row_offset, math.ceil(math.log2(sources + 1)),
             HAS_DENSE=has_dense,
