@@ -7,13 +7,14 @@ the kept configuration (``CONFIGS`` in selhn_ext/_triton/config.py) in the headl
 forward specialisation, ``partials_kernel`` in bf16 without ids, not deterministic, with
 tensor descriptors; it is compiled ahead of time for sm_90 and profiled as
 bench/static_profile.py does, and the roofline model of bench/static_model.py predicts
-its time, with the backward (``weights_kernel``) at the kept configuration: the backward's
-panels are multiples of 128 rows (PANEL_UNIT in selhn_ext/_triton/backward.py), so its
-S tiles stay 128 x 128.
+its time, with the backward at the kept configuration. The backward's S-tile kernel
+(``weights_kernel``, bf16, no ids) is swept too, at the candidates its panels allow
+(BM and BN dividing PANEL_UNIT in selhn_ext/_triton/backward.py: 256-row tiles do not),
+and modelled with the kept forward.
 
-Rows go to bench/results/tiles_sm90.csv: one per candidate, triton version and modelled
-card, with the static facts at D = 1024 and the model's ratios to one torch.mm at
-B = 16384, D = 1024 (columns ``model_*``: MODEL PREDICTIONS, never measurements).
+Rows go to bench/results/tiles_sm90.csv: one per kernel, candidate, triton version and
+modelled card, with the static facts at D = 1024 and the model's ratios to one torch.mm
+at B = 16384, D = 1024 (columns ``model_*``: MODEL PREDICTIONS, never measurements).
 
 The rule that picks the kept shape: no spill and no stack (a hard requirement), then the
 lowest modelled forward kernel time. The sweep reports the candidate the rule prefers;
@@ -91,83 +92,96 @@ def kept_candidate() -> Candidate:
     return Candidate(cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages)
 
 
-def profile_candidates(candidates) -> list[dict]:
-    """[{"candidate": fields, "profile": Profile fields}] for each, and the backward at
-    the kept configuration (candidate None)."""
+def backward_candidates(candidates, kept: Candidate) -> list[Candidate]:
+    """The candidates the backward's panels allow (BM and BN divide PANEL_UNIT), kept first."""
+    from selhn_ext._triton.backward import PANEL_UNIT
+
+    fits = [c for c in candidates if PANEL_UNIT % c.BM == 0 and PANEL_UNIT % c.BN == 0]
+    return [kept] + [c for c in fits if c != kept]
+
+
+def profile_candidates(candidates, kept: Candidate) -> list[dict]:
+    """[{"candidate": fields, "profile": Profile fields}]: the forward at every candidate,
+    the backward (weights_kernel, its S-tile part) at those its panels allow."""
     from triton_aot import specializations
 
     specs = {label: rest for label, *rest in specializations()}
     lines = jit_function_lines()
     out = []
-    jobs = [(HEADLINE_FORWARD, c) for c in candidates] + [(HEADLINE_BACKWARD, None)]
+    jobs = [(HEADLINE_FORWARD, c) for c in candidates]
+    jobs += [(HEADLINE_BACKWARD, c) for c in backward_candidates(candidates, kept)]
     for label, candidate in jobs:
-        fn, types, constexprs, num_warps, num_stages = specs[label]
-        options = {}
-        if candidate is not None:
-            constexprs = dict(constexprs, BM=candidate.BM, BN=candidate.BN, BK=candidate.BK)
-            num_warps, num_stages = candidate.num_warps, candidate.num_stages
-            if candidate.maxnreg:
-                options["maxnreg"] = candidate.maxnreg
-        p = profile_one(label, fn, types, constexprs, num_warps, num_stages, lines, **options)
-        name = candidate.name if candidate else "kept"
+        fn, types, constexprs, _, _ = specs[label]
+        constexprs = dict(constexprs, BM=candidate.BM, BN=candidate.BN, BK=candidate.BK)
+        options = {"maxnreg": candidate.maxnreg} if candidate.maxnreg else {}
+        p = profile_one(label, fn, types, constexprs, candidate.num_warps,
+                        candidate.num_stages, lines, **options)  # fmt: skip
         spilled = f"{p.spill_store_bytes}/{p.spill_load_bytes} B"
-        print(f"  {p.triton} {p.kernel} {name}: {p.regs} regs, stack {p.stack_bytes} B, "
-              f"spills {spilled}", file=sys.stderr, flush=True)  # fmt: skip
-        out.append({
-            "candidate": dataclasses.asdict(candidate) if candidate else None,
-            "profile": dataclasses.asdict(p),
-        })  # fmt: skip
+        print(f"  {p.triton} {p.kernel} {candidate.name}: {p.regs} regs, stack "
+              f"{p.stack_bytes} B, spills {spilled}", file=sys.stderr, flush=True)  # fmt: skip
+        out.append({"candidate": dataclasses.asdict(candidate), "profile": dataclasses.asdict(p)})
     return out
 
 
-def spills(p: Profile) -> bool:
-    return bool(p.stack_bytes or p.spill_store_bytes or p.spill_load_bytes)
+def static_columns(p: Profile, candidate: Candidate, kept: Candidate) -> dict:
+    """The static facts of one profile at D = 1024 (epilogue: the forward's interior and
+    masked paths; the backward's one tile loop under both names)."""
+    static = {s["path"]: s for s in static_rows([p]) if s["D"] == 1024}
+    interior = static.get("interior", next(iter(static.values())))
+    masked = static.get("masked", interior)
+    return {
+        "triton": p.triton, "kernel": p.kernel, "label": p.label,
+        "candidate": candidate.name, "kept": candidate == kept,
+        "BM": p.BM, "BN": p.BN, "BK": p.BK, "num_warps": p.num_warps,
+        "num_stages": p.num_stages, "maxnreg": candidate.maxnreg or "",
+        "regs": p.regs, "stack_bytes": p.stack_bytes,
+        "spill_store_bytes": p.spill_store_bytes, "spill_load_bytes": p.spill_load_bytes,
+        "shared_bytes": p.shared_bytes, "ctas_per_sm": resident_ctas(p), "wgmma": p.wgmma,
+        "tma_loads": p.tma_loads, "D": 1024, "main_total": interior["main_total"],
+        "epi_interior_total": interior["epi_total"], "epi_interior_alu": interior["epi_alu"],
+        "epi_masked_total": masked["epi_total"],
+    }  # fmt: skip
 
 
 def sweep_rows(results: list[dict], kept: Candidate) -> list[dict]:
-    """One row per candidate, triton and modelled card (D = 1024)."""
-    backward = {
-        r["profile"]["triton"]: Profile(**r["profile"]) for r in results if not r["candidate"]
-    }
+    """One row per kernel, candidate, triton and modelled card (D = 1024). A forward
+    candidate is modelled with the kept backward, a backward candidate with the kept
+    forward; the model_forward_* columns are the forward's, so blank on backward rows."""
+    profiles = {
+        (r["profile"]["kernel"], r["profile"]["triton"], Candidate(**r["candidate"])):
+        Profile(**r["profile"]) for r in results
+    }  # fmt: skip
     rows = []
-    for r in results:
-        if not r["candidate"]:
-            continue
-        candidate, p = Candidate(**r["candidate"]), Profile(**r["profile"])
-        static = {s["path"]: s for s in static_rows([p]) if s["D"] == 1024}
+    for (kernel, version, candidate), p in profiles.items():
+        forward = profiles[("partials_kernel", version, kept)]
+        backward = profiles[("weights_kernel", version, kept)]
+        if kernel == "partials_kernel":
+            forward = p
+        else:
+            backward = p
         # The model reads the headline forward by its label.
-        headline = dataclasses.replace(p, label=FORWARD_MODEL_LABELS[0].format(dtype=p.dtype))
-        for model in model_rows([headline, backward[p.triton]]):
+        headline_label = FORWARD_MODEL_LABELS[0].format(dtype="bfloat16")
+        headline = dataclasses.replace(forward, label=headline_label)
+        by_device: dict[str, dict] = {}
+        for model in model_rows([headline, backward]):
             if model["D"] != 1024:
                 continue
-            key = (p.triton, candidate.name, model["device"])
-            last = rows[-1] if rows else {}
-            if (last.get("triton"), last.get("candidate"), last.get("model_device")) == key:
-                row = rows[-1]
-            else:
-                row = {
-                    "triton": p.triton, "kernel": p.kernel, "label": p.label,
-                    "candidate": candidate.name, "kept": candidate == kept,
-                    "BM": p.BM, "BN": p.BN, "BK": p.BK, "num_warps": p.num_warps,
-                    "num_stages": p.num_stages, "maxnreg": candidate.maxnreg or "",
-                    "regs": p.regs, "stack_bytes": p.stack_bytes,
-                    "spill_store_bytes": p.spill_store_bytes,
-                    "spill_load_bytes": p.spill_load_bytes, "shared_bytes": p.shared_bytes,
-                    "ctas_per_sm": resident_ctas(p), "wgmma": p.wgmma, "tma_loads": p.tma_loads,
-                    "D": 1024, "main_total": static["interior"]["main_total"],
-                    "epi_interior_total": static["interior"]["epi_total"],
-                    "epi_interior_alu": static["interior"]["epi_alu"],
-                    "epi_masked_total": static["masked"]["epi_total"],
-                    "model_device": model["device"],
-                    "model_interior_tile_us": model["interior_tile_main_us"]
-                    + model["interior_tile_epilogue_us"],
-                    "model_forward_kernel_ms": model["forward_kernel_ms"],
-                    "model_forward_kernel_ratio": model["forward_kernel_ratio"],
-                    "model_forward_ratio": model["forward_ratio"],
-                }  # fmt: skip
-                rows.append(row)
+            row = by_device.get(model["device"])
+            if row is None:
+                row = by_device[model["device"]] = static_columns(p, candidate, kept)
+                row["model_device"] = model["device"]
+                on_forward = kernel == "partials_kernel"
+                for column, value in (
+                    ("model_interior_tile_us",
+                     model["interior_tile_main_us"] + model["interior_tile_epilogue_us"]),
+                    ("model_forward_kernel_ms", model["forward_kernel_ms"]),
+                    ("model_forward_kernel_ratio", model["forward_kernel_ratio"]),
+                    ("model_forward_ratio", model["forward_ratio"]),
+                ):  # fmt: skip
+                    row[column] = value if on_forward else ""
             percent = round(model["gated_fraction"] * 100)
             row[f"model_forward_backward_ratio_{percent}pct"] = model["forward_backward_ratio"]
+        rows += by_device.values()
     return rows
 
 
@@ -175,7 +189,8 @@ def preferred(rows: list[dict], triton_version: str) -> str | None:
     """The candidate the rule prefers under ``triton_version``: no spill, no stack, then
     the lowest modelled forward kernel time (on the first modelled card)."""
     ok = [
-        r for r in rows if r["triton"] == triton_version and not (
+        r for r in rows if r["triton"] == triton_version and r["kernel"] == "partials_kernel"
+        and not (
             int(r["stack_bytes"]) or int(r["spill_store_bytes"]) or int(r["spill_load_bytes"])
         )
     ]  # fmt: skip
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a cold cache: ptxas reports spills
-        results = profile_candidates(CANDIDATES)
+        results = profile_candidates(CANDIDATES, kept_candidate())
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results))
         return 0
@@ -216,14 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         results += from_other_python(python)
     kept = kept_candidate()
     rows = sweep_rows(results, kept)
-    print("tile sweep, bf16 headline forward, D = 1024; ratios are MODEL PREDICTIONS")
+    print("tile sweep, bf16 headline kernels, D = 1024; ratios are MODEL PREDICTIONS")
     for r in rows:
         spill = f"{r['stack_bytes']}/{r['spill_store_bytes']}/{r['spill_load_bytes']}"
-        print(f"  {r['triton']:6} {r['candidate']:28} {r['model_device']:18} regs "
-              f"{r['regs']:3} stack/spill {spill:11} CTAs/SM {r['ctas_per_sm']} epi "
-              f"{r['epi_interior_total']:6.1f} model: fwd kernel "
-              f"{r['model_forward_kernel_ratio']:.2f}x, fwd+bwd 0 % "
-              f"{r['model_forward_backward_ratio_0pct']:.2f}x")  # fmt: skip
+        fwd = r["model_forward_kernel_ratio"]
+        fwd = f"{fwd:.2f}x" if fwd != "" else "-"
+        print(f"  {r['triton']:6} {r['kernel'][:8]:8} {r['candidate']:28} "
+              f"{r['model_device'][:8]:8} regs {r['regs']:3} stack/spill {spill:11} CTAs/SM "
+              f"{r['ctas_per_sm']} epi {r['epi_interior_total']:6.1f} model: fwd kernel "
+              f"{fwd}, fwd+bwd 0 % {r['model_forward_backward_ratio_0pct']:.2f}x, 10 % "
+              f"{r['model_forward_backward_ratio_10pct']:.2f}x")  # fmt: skip
     for version in sorted({r["triton"] for r in rows}):
         print(f"preferred under triton {version}: {preferred(rows, version)} "
               f"(kept: {kept.name})")  # fmt: skip

@@ -50,8 +50,9 @@ def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
 
 def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
     """bench/results/tiles_sm90.csv holds every candidate of bench/tile_sweep.py under
-    both tritons, and config.py keeps the one its rule prefers (no spill, then the
-    lowest modelled forward kernel time)."""
+    both tritons (the backward's S-tile kernel at those its panels allow), and config.py
+    keeps the forward the sweep's rule prefers (no spill, then the lowest modelled
+    forward kernel time)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import csv
 
@@ -62,8 +63,13 @@ def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
     kept = tile_sweep.kept_candidate()
     versions = sorted({r["triton"] for r in rows})
     assert len(versions) >= 2, versions  # the pinned triton and the GPU machine's 3.6
+    backward = {c.name for c in tile_sweep.backward_candidates(tile_sweep.CANDIDATES, kept)}
     for version in versions:
-        names = {r["candidate"] for r in rows if r["triton"] == version}
-        assert names == {c.name for c in tile_sweep.CANDIDATES}, (version, names)
+        for kernel, names in (("partials_kernel", {c.name for c in tile_sweep.CANDIDATES}),
+                              ("weights_kernel", backward)):  # fmt: skip
+            found = {
+                r["candidate"] for r in rows if r["triton"] == version and r["kernel"] == kernel
+            }
+            assert found == names, (version, kernel, found)
         assert tile_sweep.preferred(rows, version) == kept.name, version
         assert [r["kept"] for r in rows if r["candidate"] == kept.name][0] == "True"
