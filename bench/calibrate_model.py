@@ -194,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no such file: {path} (expected a CSV)", file=sys.stderr)
             return 2
     rows = calibration_rows(read_csv(args.gpu_csv), read_csv(args.model))
-    print(report(rows))
-    if args.out:
+    if args.out:  # first: the file is what the run keeps
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=OUT_COLUMNS)
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    print(report(rows))
     return 0
 
 
