@@ -291,13 +291,16 @@ stage_headline() {
     warm+=("triton_fp16:--backend triton ${WARM[*]} --dims ${HEAD[1]} --dtypes fp16")
     STAGE_END=$((STAGE_END - CALIBRATE_LIMIT))  # kept back for the calibration below
     warm_caches "${warm[@]}"
+    local status=0  # the stage's exit status: the first failing benchmark's
     for variant in $variants; do  # the open question first
-        bench "triton_$variant" --preset "$PRESET_PREFIX-triton-variant" --triton-backward "$variant"
+        bench "triton_$variant" --preset "$PRESET_PREFIX-triton-variant" \
+            --triton-backward "$variant" || status=$((status ? status : $?))
     done
-    bench headline --preset "$PRESET_PREFIX-headline"
-    bench model_cases --preset "$PRESET_PREFIX-model-cases"
+    bench headline --preset "$PRESET_PREFIX-headline" || status=$((status ? status : $?))
+    bench model_cases --preset "$PRESET_PREFIX-model-cases" || status=$((status ? status : $?))
     STAGE_END=$((STAGE_END + CALIBRATE_LIMIT))
     calibrate
+    return "$status"
 }
 
 calibrate() {  # model over measured, per model case; missing rows never fail the stage
