@@ -48,11 +48,13 @@ def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
             assert 0 < row["epi_alu"] <= EPILOGUE_ALU_LIMIT, row
 
 
+@pytest.mark.backend("triton")
 def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
     """bench/results/tiles_sm90.csv holds every candidate of bench/tile_sweep.py under
     both tritons (the backward's S-tile kernel at those its panels allow), and config.py
     keeps the forward the sweep's rule prefers (no spill, then the lowest modelled
     forward kernel time)."""
+    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import csv
 
