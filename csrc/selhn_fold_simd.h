@@ -154,6 +154,9 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
   constexpr int L = F::L;
   const V margin = F::set1(p.margin), zero = F::zero();
   M any = F::none();
+  // Where column j's weight of row 0 goes in the W.T panels (row i's is i * MR further).
+  int64_t w_col_at[kBlockCols];
+  for (int64_t col = 0; col < t.nc; ++col) w_col_at[col] = (col / MR) * t.nr * MR + col % MR;
   for (int64_t i = 0; i < t.nr; ++i) {
     const T* s_row = t.s + i * kBlockCols;
     const V d_row = F::set1(p.d_row[t.r0 + i]);
@@ -178,7 +181,7 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
       for (int64_t l = 0; l < count; ++l) {
         const int64_t col = j + l;
         w_row_panel[col * MR] = lane[l];
-        w_col_k[(col / MR) * t.nr * MR + col % MR] = lane[l];
+        w_col_k[w_col_at[col]] = lane[l];
       }
     }
   }
