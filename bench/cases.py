@@ -163,6 +163,24 @@ def plan_gpu_headline(batch=16384, dim=1024, dtype="bf16") -> list[Case]:
     return plan
 
 
+# The static sm_90 model's cases (bench/static_model.py: B = 16384, D = 256 and 1024,
+# bf16 and fp16, 0, 1, 10 and 100 % gated), timed so that a GPU run calibrates the model
+# (bench/calibrate_model.py). bf16 at D = 1024 is the headline's own Triton rows.
+MODEL_GATE_MIXES = ("none", "1pct", "10pct", "all")
+
+
+def plan_model_cases(batch=16384, dims=(256, 1024), dtypes=("bf16", "fp16")) -> list[Case]:
+    """The Triton backend at the model's cases the headline does not time."""
+    plan = []
+    for dtype in dtypes:
+        for dim in dims:
+            if (dim, dtype) == (dims[-1], dtypes[0]):
+                continue  # the headline shape
+            for mix in MODEL_GATE_MIXES:
+                plan += make_cases(("triton",), [batch], [dim], [dtype], gate_mix=mix)
+    return plan
+
+
 def plan_gpu_sweep(sizes, dims, dtypes=("bf16", "fp32")) -> list[Case]:
     plan = []
     for dtype in dtypes:
@@ -184,9 +202,11 @@ PRESETS: dict[str, Callable[[int], list[Case]]] = {
     "cpu": lambda keops_max_b: plan_cpu_default(keops_max_b),
     "gpu-headline": lambda _: plan_gpu_headline(),
     "gpu-triton-variant": lambda _: plan_triton_variant(),
+    "gpu-model-cases": lambda _: plan_model_cases(),
     "gpu-sweep": lambda _: plan_gpu_sweep(GPU_SWEEP_SIZES, [256, 1024]),
     "dry-run-headline": lambda _: plan_gpu_headline(*DRY_RUN_SHAPE),
     "dry-run-triton-variant": lambda _: plan_triton_variant(*DRY_RUN_SHAPE),
+    "dry-run-model-cases": lambda _: plan_model_cases(DRY_RUN_SHAPE[0], (16, 32)),
     "dry-run-sweep": lambda _: plan_gpu_sweep([32, 64], [16]),
 }
 

@@ -6,8 +6,9 @@
 # Sized for the lent device: one call of about 8 minutes (start-up of 1-2 minutes plus the
 # default budget of 420 s), which leaves about 5 of the 15 device minutes for a fresh
 # start (one needs 4) and a short second call, e.g. --stages 3,6 --budget 120. At most 8
-# files come back from $OUT, so it holds only summary.txt, the CSV (gpu.csv) and
-# logs.tar.gz, an archive of every log rewritten after every stage (and every 30 s).
+# files come back from $OUT, so it holds only summary.txt, the CSV (gpu.csv),
+# model_calibration.csv and logs.tar.gz, an archive of every log rewritten after every
+# stage (and every 30 s).
 #
 # Stages, each with a time limit in seconds (the selected limits must sum to no more than
 # the budget; time a stage leaves unused goes to the elastic stages 3 and 4):
@@ -20,9 +21,14 @@
 #   3 headline  40+ B = 16384, D = 1024, bf16, gate mixes none, 1 %, 10 %, half, all;
 #                   forward, backward, forward + backward. First each Triton backward
 #                   variant (triton:<variant> rows), then triton, cuda, the authors' loss
-#                   (eager and torch.compile), chunked, torch.mm. The Triton and inductor
-#                   compile caches are warmed in parallel at the start, before any timing;
-#                   the GPU clocks are warmed before the first torch.mm.
+#                   (eager and torch.compile), chunked, torch.mm; then the static model's
+#                   other cases (Triton, B = 16384, D = 256 and 1024, bf16 and fp16, gated
+#                   0, 1, 10 and 100 %). The Triton and inductor compile caches are warmed
+#                   in parallel at the start, before any timing; the GPU clocks are warmed
+#                   before the first torch.mm. Last (15 s of the stage kept for it),
+#                   bench/calibrate_model.py joins the rows with the model
+#                   (bench/results/model_sm90.csv): model over measured per case, written
+#                   to model_calibration.csv; a case the run did not reach reads missing.
 #   4 sweep     10+ B = 4096 * 2^k up to 262144, D in {256, 1024}, bf16 then fp32, as far
 #                   as the time allows
 #   5 ncu       25  ncu --clock-control none (the card's clocks stay as they are) on the
@@ -49,7 +55,7 @@ while [ $# -gt 0 ]; do
         --stages) STAGES=$2; shift 2 ;;
         --stages=*) STAGES=${1#*=}; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -59,6 +65,7 @@ STAGE_NAMES=(env build tests headline sweep ncu mm_end)
 STAGE_LIMITS=(10 270 55 40 10 25 10)
 STAGE_ELASTIC=(0 0 0 1 1 0 0)
 PIP_LIMIT=145  # of stage 1's 270, with the backend report; the JIT build gets the other 125
+CALIBRATE_LIMIT=15  # of stage 3, kept for bench/calibrate_model.py after the timings
 for stage in ${STAGES//,/ }; do
     case "$stage" in [0-6]) ;; *) echo "unknown stage '$stage' (0 to 6)" >&2; exit 2 ;; esac
 done
@@ -281,11 +288,25 @@ stage_headline() {
         warm+=("triton_$variant:--backend triton --triton-backward $variant ${WARM[*]} --dims ${HEAD[1]} --dtypes ${HEAD[2]}")
     done
     [ -z "$variants" ] && warm+=("triton:--backend triton ${WARM[*]} --dims ${HEAD[1]} --dtypes ${HEAD[2]}")
+    warm+=("triton_fp16:--backend triton ${WARM[*]} --dims ${HEAD[1]} --dtypes fp16")
+    STAGE_END=$((STAGE_END - CALIBRATE_LIMIT))  # kept back for the calibration below
     warm_caches "${warm[@]}"
+    local status=0  # the stage's exit status: the first failing benchmark's
     for variant in $variants; do  # the open question first
-        bench "triton_$variant" --preset "$PRESET_PREFIX-triton-variant" --triton-backward "$variant"
+        bench "triton_$variant" --preset "$PRESET_PREFIX-triton-variant" \
+            --triton-backward "$variant" || status=$((status ? status : $?))
     done
-    bench headline --preset "$PRESET_PREFIX-headline"
+    bench headline --preset "$PRESET_PREFIX-headline" || status=$((status ? status : $?))
+    bench model_cases --preset "$PRESET_PREFIX-model-cases" || status=$((status ? status : $?))
+    STAGE_END=$((STAGE_END + CALIBRATE_LIMIT))
+    calibrate
+    return "$status"
+}
+
+calibrate() {  # model over measured, per model case; missing rows never fail the stage
+    pyrun "$(stage_left)" "$REPO/bench/calibrate_model.py" "$CSV" \
+        --model "$REPO/bench/results/model_sm90.csv" --out "$OUT/model_calibration.csv" ||
+        echo "bench/calibrate_model.py exited $?: no calibration this run"
 }
 
 stage_sweep() {

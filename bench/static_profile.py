@@ -293,15 +293,16 @@ def tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_with_report(fn, types, constexprs, num_warps, num_stages):
-    """(compiled kernel, ptxas report text). Needs a cold cache so that ptxas runs."""
+def compile_with_report(fn, types, constexprs, num_warps, num_stages, **options):
+    """(compiled kernel, ptxas report text). Needs a cold cache so that ptxas runs.
+    ``options``: further compiler options (bench/tile_sweep.py's register caps)."""
     import triton
     from triton_aot import compile_one
 
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = compile_one(fn, types, constexprs, num_warps, num_stages, 90)
+        compiled = compile_one(fn, types, constexprs, num_warps, num_stages, 90, **options)
     return compiled, log.getvalue()
 
 
@@ -365,10 +366,10 @@ class Profile:
         return self.k_mma_fma * k_steps + self.inner_mma_fma * inner_steps
 
 
-def profile_one(label, fn, types, constexprs, num_warps, num_stages, lines) -> Profile:
+def profile_one(label, fn, types, constexprs, num_warps, num_stages, lines, **options) -> Profile:
     import triton
 
-    compiled, log = compile_with_report(fn, types, constexprs, num_warps, num_stages)
+    compiled, log = compile_with_report(fn, types, constexprs, num_warps, num_stages, **options)
     cubin = compiled.asm["cubin"]
     usage = resource_usage(cubin)
     spills = SPILLS.search(log)

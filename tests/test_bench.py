@@ -365,7 +365,9 @@ def test_gpu_check_dry_run(own_tmp_dir):
     }
     done = _run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], env=env, cwd=own_tmp_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["dry_run.csv", "logs.tar.gz", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dry_run.csv", "logs.tar.gz", "model_calibration.csv", "summary.txt"
+    ]  # fmt: skip
     summary = (out / "summary.txt").read_text()
     for number, name in enumerate(GPU_CHECK_STAGES):
         assert f"stage {number} {name}: exit 0" in summary, summary
@@ -382,9 +384,12 @@ def test_gpu_check_dry_run(own_tmp_dir):
     variants = cases.triton_backward_variants()
     assert f"Triton backward variants: {' '.join(variants) or 'none offered'}" in stage["headline"]
     assert "compile caches warmed in parallel" in stage["headline"]
-    for name in ["authors_compiled"] + [f"triton_{v}" for v in variants]:
+    for name in ["authors_compiled", "triton_fp16"] + [f"triton_{v}" for v in variants]:
         assert re.search(r"^warmed ", logs[f"warm_{name}.log"], re.M), logs[f"warm_{name}.log"]
     assert "compile caches warmed in parallel (2 processes" in stage["sweep"]
+    # The calibration ran last in the headline stage: a CPU run meets no modelled card.
+    assert stage["headline"].rstrip().endswith("nothing to join"), stage["headline"][-2000:]
+    assert (out / "model_calibration.csv").read_text().startswith("device,model_device,")
     assert "ncu is absent (dry run on CPU)" in stage["ncu"]
     assert "--clock-control none" in stage["ncu"] and "regex:partials_kernel" in stage["ncu"]
     assert "--kernel-name" in stage["ncu"]
@@ -417,6 +422,14 @@ def test_gpu_check_dry_run(own_tmp_dir):
     assert gated == sorted(set(gated)), triton  # more gated at every step up the mixes
     options = {(r["mode"], r["deterministic"]) for r in head if r["backend"] == "triton"}
     assert ("selhn", "1") in options and ("selhn+stats", "0") in options
+    # The static model's other cases (bench/cases.py plan_model_cases), at dry-run sizes.
+    model_cases = {
+        (r["D"], r["dtype"], r["gate_mix"]) for r in rows
+        if r["backend"] == "triton" and r["B"] == "64" and r["status"] == "ok"
+    }  # fmt: skip
+    for dim, dtype in (("16", "bf16"), ("16", "fp16"), ("32", "fp16")):
+        for mix in cases.MODEL_GATE_MIXES:
+            assert (dim, dtype, mix) in model_cases, (dim, dtype, mix)
     sweep = {(r["B"], r["D"], r["dtype"]) for r in rows if r["backend"] == "triton"}
     assert sweep >= {(b, "16", t) for b in ("32", "64") for t in ("bf16", "fp32")}
     # Stage 6 timed torch.mm at the headline shape again, after everything else.

@@ -46,3 +46,32 @@ def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
     for row in static_rows(profiles):
         if row["D"] == 1024 and row["path"] == "interior":
             assert 0 < row["epi_alu"] <= EPILOGUE_ALU_LIMIT, row
+
+
+@pytest.mark.backend("triton")
+def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
+    """bench/results/tiles_sm90.csv holds every candidate of bench/tile_sweep.py under
+    both tritons (the backward's S-tile kernel at those its panels allow), and config.py
+    keeps the forward the sweep's rule prefers (no spill, then the lowest modelled
+    forward kernel time)."""
+    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import csv
+
+    import tile_sweep
+
+    with open(tile_sweep.TILES_CSV, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = tile_sweep.kept_candidate()
+    versions = sorted({r["triton"] for r in rows})
+    assert len(versions) >= 2, versions  # the pinned triton and the GPU machine's 3.6
+    backward = {c.name for c in tile_sweep.backward_candidates(tile_sweep.CANDIDATES, kept)}
+    for version in versions:
+        for kernel, names in (("partials_kernel", {c.name for c in tile_sweep.CANDIDATES}),
+                              ("weights_kernel", backward)):  # fmt: skip
+            found = {
+                r["candidate"] for r in rows if r["triton"] == version and r["kernel"] == kernel
+            }
+            assert found == names, (version, kernel, found)
+        assert tile_sweep.preferred(rows, version) == kept.name, version
+        assert [r["kept"] for r in rows if r["candidate"] == kept.name][0] == "True"

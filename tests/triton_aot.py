@@ -145,10 +145,11 @@ def specializations(quick: bool = False):
         yield fn.__name__, fn, types, {"BLOCK": COMPACT_BLOCK}, 4, 1
 
 
-def compile_one(fn, types, constexprs, num_warps, num_stages, arch: int):
+def compile_one(fn, types, constexprs, num_warps, num_stages, arch: int, **options):
+    """Compile for sm_``arch``; ``options``: further compiler options (e.g. maxnreg)."""
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, **options})
     return triton.compile(_source(fn, types, constexprs), target=target, options=options.__dict__)
 
 
