@@ -135,6 +135,14 @@ std::pair<at::Tensor, int64_t> gated_first(const at::Tensor& gated) {
   return {order, n_gated};
 }
 
+bool is_identity(const at::Tensor& order) {
+  const int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t k = 0; k < order.numel(); ++k) {
+    if (o[k] != k) return false;
+  }
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& col_pos,
     int64_t row_offset, const std::optional<at::Tensor>& row_ids,
@@ -155,9 +163,12 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(
   const auto [col_order, gated_cols] = gated_first(col_gated);
   if (gated_rows == 0 && gated_cols == 0) return {grad_rows, grad_cols};
   const int64_t b = in.rows.size(0), n = in.cols.size(0);
-  // Everything per anchor in the gated-first order (index_select copies exactly).
-  const at::Tensor rows_p = in.rows.index_select(0, row_order);
-  const at::Tensor cols_p = in.cols.index_select(0, col_order);
+  // Everything per anchor in the gated-first order (index_select copies exactly). When
+  // the gated anchors already come first (every anchor gated, for one), that order is the
+  // identity: the inputs and gradients are used in place, with no copies.
+  const bool rows_in_order = is_identity(row_order), cols_in_order = is_identity(col_order);
+  const at::Tensor rows_p = rows_in_order ? in.rows : in.rows.index_select(0, row_order);
+  const at::Tensor cols_p = cols_in_order ? in.cols : in.cols.index_select(0, col_order);
   const at::Tensor row_global = row_order + row_offset;  // each row's positive column
   const at::Tensor d_row = in.col_pos.index_select(0, row_global);
   const at::Tensor d_col = in.col_pos.index_select(0, col_order);
@@ -176,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(
     row_ids_p = in.row_ids.index_select(0, row_order);
     col_ids_p = in.col_ids.index_select(0, col_order);
   }
-  at::Tensor grad_rows_p = at::zeros_like(rows_p);
-  at::Tensor grad_cols_p = at::zeros_like(cols_p);
+  at::Tensor grad_rows_p = rows_in_order ? grad_rows : at::zeros_like(rows_p);
+  at::Tensor grad_cols_p = cols_in_order ? grad_cols : at::zeros_like(cols_p);
   AT_DISPATCH_FLOATING_TYPES(cdt, "selhn_dense_backward_cpu", [&] {
     const Problem<scalar_t> p{rows_p.data_ptr<scalar_t>(),
                               cols_p.data_ptr<scalar_t>(),
@@ -195,8 +206,8 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(
                         gated_cols, deterministic, grad_rows_p.data_ptr<scalar_t>(),
                         grad_cols_p.data_ptr<scalar_t>());
   });
-  grad_rows.index_copy_(0, row_order, grad_rows_p);
-  grad_cols.index_copy_(0, col_order, grad_cols_p);
+  if (!rows_in_order) grad_rows.index_copy_(0, row_order, grad_rows_p);
+  if (!cols_in_order) grad_cols.index_copy_(0, col_order, grad_cols_p);
   return {grad_rows, grad_cols};
 }
 

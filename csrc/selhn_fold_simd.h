@@ -88,7 +88,9 @@ void fold_rows(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
   }
 }
 
-// Gathers the tile's contributions to its columns into col (local column index).
+// Gathers the tile's contributions to its columns into col (local column index). Each
+// chunk of L columns keeps its statistics in registers while the rows pass in ascending
+// order (the order every path sums a column in), and stores them once.
 template <class F>
 void fold_columns(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
                   ColumnTileStats<typename F::T>* col) {
@@ -98,6 +100,7 @@ void fold_columns(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
   using VI = typename F::VI;
   using VD = typename F::VD;
   constexpr int L = F::L, DL = F::DL;
+  static_assert(kBlockCols % L == 0, "whole vectors of column statistics are stored");
   for (int64_t j = 0; j < kBlockCols; ++j) {
     col->best_value[j] = -std::numeric_limits<T>::infinity();
     col->best_pos[j] = -1;
@@ -105,31 +108,31 @@ void fold_columns(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
     col->active[j] = 0;
   }
   const V margin = F::set1(p.margin), zero = F::zero();
-  for (int64_t i = 0; i < t.nr; ++i) {
-    const T* s_row = t.s + i * kBlockCols;
-    const VI row = F::iset1(static_cast<int32_t>(i));
-    for (int64_t j = 0; j < t.nc; j += L) {
+  for (int64_t j = 0; j < t.nc; j += L) {
+    const V d = F::load_masked(F::lanes(t.nc - j), p.d_col + t.c0 + j);
+    VD sum[L / DL];
+    for (auto& s : sum) s = F::dzero();
+    VI active = F::iset1(0), best_pos = F::iset1(-1);
+    V best = F::set1(-std::numeric_limits<T>::infinity());
+    for (int64_t i = 0; i < t.nr; ++i) {
       const M valid = valid_lanes<F>(p, t, i, j);
-      const V v = F::select(valid, F::load(s_row + j), zero);
-      const V d = F::load_masked(F::lanes(t.nc - j), p.d_col + t.c0 + j);
+      const V v = F::select(valid, F::load(t.s + i * kBlockCols + j), zero);
       const V arg = F::sub(F::add(margin, v), d);
       const M positive = F::gt(arg, zero);
       const V h = F::select(F::and_(valid, F::or_(positive, F::is_nan(arg))), arg, zero);
       VD wide[L / DL];
       F::widen(h, wide);
-      for (int q = 0; q < L / DL; ++q) {
-        double* sum = col->sum + j + q * DL;
-        F::dstore(sum, F::dadd(F::dload(sum), wide[q]));
-      }
-      F::istore(col->active + j,
-                F::count_lanes(F::iload(col->active + j), F::and_(valid, positive)));
-      const V best = F::load(col->best_value + j);
-      const VI best_pos = F::iload(col->best_pos + j);
+      for (int q = 0; q < L / DL; ++q) sum[q] = F::dadd(sum[q], wide[q]);
+      active = F::count_lanes(active, F::and_(valid, positive));
       const M better = F::and_(valid, F::or_(F::or_(F::negative(best_pos), F::gt(v, best)),
                                              F::andnot(F::is_nan(v), F::is_nan(best))));
-      F::store(col->best_value + j, F::select(better, v, best));
-      F::istore(col->best_pos + j, F::iselect(better, row, best_pos));
+      best = F::select(better, v, best);
+      best_pos = F::iselect(better, F::iset1(static_cast<int32_t>(i)), best_pos);
     }
+    for (int q = 0; q < L / DL; ++q) F::dstore(col->sum + j + q * DL, sum[q]);
+    F::istore(col->active + j, active);
+    F::store(col->best_value + j, best);
+    F::istore(col->best_pos + j, best_pos);
   }
 }
 
@@ -154,6 +157,9 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
   constexpr int L = F::L;
   const V margin = F::set1(p.margin), zero = F::zero();
   M any = F::none();
+  // Where column j's weight of row 0 goes in the W.T panels (row i's is i * MR further).
+  int64_t w_col_at[kBlockCols];
+  for (int64_t col = 0; col < t.nc; ++col) w_col_at[col] = (col / MR) * t.nr * MR + col % MR;
   for (int64_t i = 0; i < t.nr; ++i) {
     const T* s_row = t.s + i * kBlockCols;
     const V d_row = F::set1(p.d_row[t.r0 + i]);
@@ -178,7 +184,7 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
       for (int64_t l = 0; l < count; ++l) {
         const int64_t col = j + l;
         w_row_panel[col * MR] = lane[l];
-        w_col_k[(col / MR) * t.nr * MR + col % MR] = lane[l];
+        w_col_k[w_col_at[col]] = lane[l];
       }
     }
   }

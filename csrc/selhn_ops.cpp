@@ -19,6 +19,15 @@ TORCH_LIBRARY(selhn, m) {
       "Tensor? row_ids, Tensor? col_ids, float margin, Tensor row_coef, Tensor col_coef, "
       "Tensor row_gated, Tensor col_gated, bool deterministic, bool allow_tf32) -> "
       "(Tensor, Tensor)");
+  // CPU only (the CUDA backend keeps the PyTorch glue): the hardest-negative pairs and the
+  // diagonal added to the dense gradients in place; each side's weights are upstream,
+  // hardest_index, dense_weight, hard_weight, active (kernel_interface.AnchorWeights).
+  m.def(
+      "sparse_and_diagonal_backward(Tensor rows, Tensor cols, int row_offset, "
+      "Tensor(a!) grad_rows, Tensor(b!) grad_cols, Tensor row_upstream, "
+      "Tensor row_hardest_index, Tensor row_dense_weight, Tensor row_hard_weight, "
+      "Tensor row_active, Tensor col_upstream, Tensor col_hardest_index, "
+      "Tensor col_dense_weight, Tensor col_hard_weight, Tensor col_active) -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

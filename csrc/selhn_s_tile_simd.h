@@ -33,18 +33,32 @@ constexpr int64_t k_block() {
 
 // Packs the n x dim row-major block ``x`` into ceil(n / W) panels of dim x W (k-major:
 // element (k, c) of panel q = x's row q * W + c), zero-padding the last panel. W = NR packs
-// columns for the S tile, W = MR packs rows.
+// columns for the S tile, W = MR packs rows. k runs in blocks of one cache line of each
+// source row: with dim a power of two, the W rows of a panel fall into few cache sets, so
+// reading them k by k would evict lines before their next element is read.
 template <class Ops, int64_t W>
 void pack_k_major(const typename Ops::T* x, int64_t n, int64_t dim, typename Ops::T* out) {
   using T = typename Ops::T;
+  constexpr int64_t KB = 64 / sizeof(T);
   for (int64_t j0 = 0; j0 < n; j0 += W) {
     T* panel = out + j0 * dim;  // panel q starts at q * dim * W = j0 * dim
     const int64_t count = std::min(W, n - j0);
-    for (int64_t k = 0; k < dim; ++k) {
-      T* dst = panel + k * W;
-      int64_t c = 0;
-      for (; c < count; ++c) dst[c] = x[(j0 + c) * dim + k];
-      for (; c < W; ++c) dst[c] = T(0);
+    for (int64_t k0 = 0; k0 < dim; k0 += KB) {
+      const int64_t kb = std::min(KB, dim - k0);
+      T* dst = panel + k0 * W;
+      const T* src = x + j0 * dim + k0;
+      if (count == W) {
+        for (int64_t k = 0; k < kb; ++k) {
+#pragma GCC unroll 16
+          for (int64_t c = 0; c < W; ++c) dst[k * W + c] = src[c * dim + k];
+        }
+        continue;
+      }
+      for (int64_t k = 0; k < kb; ++k) {
+        int64_t c = 0;
+        for (; c < count; ++c) dst[k * W + c] = src[c * dim + k];
+        for (; c < W; ++c) dst[k * W + c] = T(0);
+      }
     }
   }
 }
@@ -61,19 +75,27 @@ void pack_rows(const typename Ops::T* a, int64_t na, int64_t dim, typename Ops::
 
 // Packs the n x dim row-major block ``x`` into NR-wide column strips (strip q holds
 // columns [q * NR, q * NR + NR) of every row, n x NR, zero-padded), the layout the
-// gradient products read their right-hand side in.
+// gradient products read their right-hand side in. One strip at a time, so the writes run
+// in order and each source line is read once.
 template <class Ops>
 void pack_strips(const typename Ops::T* x, int64_t n, int64_t dim, typename Ops::T* out) {
   using T = typename Ops::T;
   constexpr int64_t NR = panel_width<Ops>();
-  for (int64_t k = 0; k < n; ++k) {  // each source row once, in order
-    const T* src = x + k * dim;
-    for (int64_t j0 = 0; j0 < dim; j0 += NR) {
-      T* dst = out + j0 * n + k * NR;
-      const int64_t count = std::min(NR, dim - j0);
+  for (int64_t j0 = 0; j0 < dim; j0 += NR) {
+    T* dst = out + j0 * n;
+    const int64_t count = std::min(NR, dim - j0);
+    if (count == NR) {
+      for (int64_t k = 0; k < n; ++k) {
+        const T* src = x + k * dim + j0;
+#pragma GCC unroll 16
+        for (int64_t c = 0; c < NR; ++c) dst[k * NR + c] = src[c];
+      }
+      continue;
+    }
+    for (int64_t k = 0; k < n; ++k) {
       int64_t c = 0;
-      for (; c < count; ++c) dst[c] = src[j0 + c];
-      for (; c < NR; ++c) dst[c] = T(0);
+      for (; c < count; ++c) dst[k * NR + c] = x[k * dim + j0 + c];
+      for (; c < NR; ++c) dst[k * NR + c] = T(0);
     }
   }
 }

@@ -1,7 +1,8 @@
 """The compiled kernels (csrc/): loading, fake kernels, and the backend object.
 
 Loading the library registers ``torch.ops.selhn.partials`` and
-``torch.ops.selhn.dense_backward``, each with a CPU and (in CUDA builds) a CUDA kernel.
+``torch.ops.selhn.dense_backward``, each with a CPU and (in CUDA builds) a CUDA kernel, and
+``torch.ops.selhn.sparse_and_diagonal_backward`` (CPU only; CUDA keeps the PyTorch glue).
 The library is, in order of preference: ``selhn_ext._C`` built at install; a first-use
 build of the cache (``build.py``) for this torch; or, when neither exists, a build made
 on the first call of a compiled backend.
@@ -16,7 +17,14 @@ import torch
 from torch import Tensor
 
 from . import build
-from .kernel_interface import Block, DirectionStats, GatedAnchors, PyTorchGlue, compute_dtype
+from .kernel_interface import (
+    AnchorWeights,
+    Block,
+    DirectionStats,
+    GatedAnchors,
+    PyTorchGlue,
+    compute_dtype,
+)
 
 _HOW_TO_FIX = (
     "run `pip install --no-build-isolation .` in the source tree (with torch installed) "
@@ -112,9 +120,16 @@ def _fake_dense_backward(rows, cols, col_pos, row_offset, row_ids, col_ids, marg
     return rows.new_empty(rows.shape, dtype=cdt), cols.new_empty(cols.shape, dtype=cdt)
 
 
+def _fake_sparse_and_diagonal_backward(rows, cols, row_offset, grad_rows, grad_cols, *weights):
+    return None  # updates grad_rows and grad_cols in place
+
+
 def _register_fakes() -> None:
     torch.library.register_fake("selhn::partials", _fake_partials)
     torch.library.register_fake("selhn::dense_backward", _fake_dense_backward)
+    torch.library.register_fake(
+        "selhn::sparse_and_diagonal_backward", _fake_sparse_and_diagonal_backward
+    )
 
 
 if _LIBRARY_PATH is not None:
@@ -175,6 +190,28 @@ class CompiledBackend(PyTorchGlue):
             block.col_ids, float(margin), gated.row_coef, gated.col_coef, gated.row_gated,
             gated.col_gated, bool(deterministic), bool(allow_tf32),
         )  # fmt: skip
+
+    def sparse_and_diagonal_backward(
+        self,
+        block: Block,
+        dense_grads: tuple[Tensor, Tensor],
+        row: AnchorWeights,
+        col: AnchorWeights,
+        *,
+        deterministic: bool,
+        out_dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[Tensor, Tensor]:
+        """The CPU kernel adds the same terms in the same order as the PyTorch glue (the
+        same bits, whatever the thread count); CUDA inputs take the glue."""
+        if block.rows.device.type != "cpu":
+            return super().sparse_and_diagonal_backward(
+                block, dense_grads, row, col, deterministic=deterministic, out_dtypes=out_dtypes
+            )
+        grad_rows, grad_cols = dense_grads
+        torch.ops.selhn.sparse_and_diagonal_backward(
+            block.rows, block.cols, int(block.row_offset), grad_rows, grad_cols, *row, *col
+        )
+        return grad_rows.to(out_dtypes[0]), grad_cols.to(out_dtypes[1])
 
 
 COMPILED_BACKEND = CompiledBackend()

@@ -16,7 +16,13 @@ from conftest import require_backend
 
 from selhn_ext import selhn_loss
 from selhn_ext.chunked import ChunkedBackend
-from selhn_ext.kernel_interface import Block, GatedAnchors, positive_scores
+from selhn_ext.kernel_interface import (
+    AnchorWeights,
+    Block,
+    GatedAnchors,
+    PyTorchGlue,
+    positive_scores,
+)
 from selhn_ext.options import MODES, REDUCTIONS
 from selhn_ext.reference import Decisions, selhn_loss_reference
 
@@ -560,3 +566,63 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="both row_ids and col_ids"):
         ids = torch.arange(10)
         torch.ops.selhn.partials(rows, cols, d, 0, ids, None, MARGIN, False, False)
+
+
+def glue_weights(length, n, gen, cdt, hardest_low=-1):
+    """AnchorWeights of ``length`` anchors over n candidates: gated and hard weights that
+    are zero and nonzero, hardest indices with -1 (no valid negative) among them."""
+    gated = torch.rand(length, generator=gen) < 0.4
+    return AnchorWeights(
+        upstream=torch.rand(length, generator=gen).to(cdt) + 0.5,
+        hardest_index=torch.randint(hardest_low, n, (length,), generator=gen),
+        dense_weight=torch.where(gated, torch.rand(length, generator=gen).to(cdt), 0),
+        hard_weight=((~gated) & (torch.rand(length, generator=gen) < 0.7)).to(cdt),
+        active=torch.randint(0, n, (length,), generator=gen, dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sparse_and_diagonal_backward_matches_the_pytorch_glue(dtype):
+    """The compiled sparse and diagonal backward adds the glue's terms in the glue's order,
+    so it gives the same bits, with 1 thread or several; a row block of a bigger batch
+    receives only the column anchors whose hardest image is one of its rows."""
+    ops = cpu_ops()
+    batch, b, off, dim = 300, 97, 130, 41
+    rows, cols, _, off, row_ids, col_ids = op_args(dtype, batch, dim, False, off, b)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(21)
+    row, col = glue_weights(b, batch, gen, cdt), glue_weights(batch, batch, gen, cdt)
+    dense = (
+        torch.randn(b, dim, generator=gen).to(cdt),
+        torch.randn(batch, dim, generator=gen).to(cdt),
+    )
+    block = Block(rows, cols, torch.zeros(batch, dtype=cdt), off)
+    kwargs = {"deterministic": False, "out_dtypes": (dtype, cdt)}
+    want = PyTorchGlue().sparse_and_diagonal_backward(
+        block, tuple(g.clone() for g in dense), row, col, **kwargs
+    )
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1):
+            torch.set_num_threads(count)
+            results.append(
+                ops.COMPILED_BACKEND.sparse_and_diagonal_backward(
+                    block, tuple(g.clone() for g in dense), row, col, **kwargs
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for got in results:
+        for g, w, name in zip(got, want, ("grad rows", "grad cols"), strict=True):
+            assert g.dtype == w.dtype, name
+            assert torch.equal(g, w), f"{name}: differs from the PyTorch glue"
+    assert not torch.equal(want[1], dense[1].to(want[1].dtype))  # the terms did land
+    torch.library.opcheck(
+        torch.ops.selhn.sparse_and_diagonal_backward.default,
+        (rows, cols, off, dense[0].clone(), dense[1].clone(), *row, *col),
+    )
+    with pytest.raises(RuntimeError, match="compute dtype"):
+        torch.ops.selhn.sparse_and_diagonal_backward(
+            rows, cols, off, dense[0].to(torch.float16), dense[1], *row, *col
+        )
