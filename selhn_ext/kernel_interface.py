@@ -42,8 +42,9 @@ plain PyTorch for every backend: ``positive_scores``, ``finalize_both`` (the gat
 per-anchor losses and the backward weights of both directions; ``finalize_forward`` adds
 the (2, b) results of the block's own pairs) and
 ``sparse_and_diagonal_backward`` (the hardest-negative pairs and the diagonal, and the
-cast to the gradients' dtypes; its dense gradients are None in mode "hardest", which
-gates no anchor, so the dense backward is skipped). A backend may fuse any of these into
+cast to the gradients' dtypes; in mode "hardest", which gates no anchor, the dense
+backward is skipped and its gradients are ``gate_free_dense_grads``: zeros, or None for a
+backend whose ``sparse_and_diagonal_backward`` takes None). A backend may fuse any of these into
 its own kernels; a fused ``finalize_both`` must reproduce :func:`finalize` exactly (every
 decision, every bit), which stays the one definition of the gate, and the tests compare
 the two.
@@ -347,6 +348,8 @@ class Backend(Protocol):
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]: ...
 
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None: ...
+
     def sparse_and_diagonal_backward(
         self,
         block: Block,
@@ -404,6 +407,14 @@ class PyTorchGlue:
         )  # fmt: skip
         return pairs, row_dec, col_dec
 
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:
+        """The dense gradients when no anchor can be gated: zeros in the compute dtype."""
+        cdt = compute_dtype(block.rows.dtype)
+        return (
+            block.rows.new_zeros(block.rows.shape, dtype=cdt),
+            block.cols.new_zeros(block.cols.shape, dtype=cdt),
+        )
+
     def sparse_and_diagonal_backward(
         self,
         block: Block,
@@ -416,11 +427,7 @@ class PyTorchGlue:
     ) -> tuple[Tensor, Tensor]:
         """The final gradients in ``out_dtypes`` (the dense ones are updated in place)."""
         if dense_grads is None:
-            cdt = compute_dtype(block.rows.dtype)
-            dense_grads = (
-                block.rows.new_zeros(block.rows.shape, dtype=cdt),
-                block.cols.new_zeros(block.cols.shape, dtype=cdt),
-            )
+            dense_grads = PyTorchGlue.gate_free_dense_grads(self, block)
         grad_rows, grad_cols = dense_grads
         sparse_and_diagonal_backward(block, grad_rows, grad_cols, row, col, deterministic)
         return grad_rows.to(out_dtypes[0]), grad_cols.to(out_dtypes[1])

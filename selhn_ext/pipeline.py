@@ -194,8 +194,9 @@ def backward(
         col_up = exchange.gather_rows("the upstream gradient all-gather", up[1].contiguous())
         cols = exchange.gather_rows("the caption embedding all-gather", txt)
         block = Block(img, cols, saved.positive, exchange.offset, ids, _gather_ids(exchange, ids))
-        dense = None  # mode "hardest" gates no anchor: no dense backward at all
-        if settings.mode != "hardest":
+        if settings.mode == "hardest":  # no anchor is gated: no dense backward at all
+            dense = backend.gate_free_dense_grads(block)
+        else:
             dense = backend.dense_backward(
                 block, settings.margin,
                 GatedAnchors(row_up * saved.row_dense_weight, col_up * saved.col_dense_weight,

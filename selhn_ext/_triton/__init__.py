@@ -76,6 +76,10 @@ class TritonBackend(PyTorchGlue):
             return super().finalize_forward(row, col, margin, eps, mode, row_offset)
         return glue.finalize_forward(row, col, margin, eps, mode, row_offset)
 
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:
+        """None: the fused gradients kernel adds no dense term (no fp32 B x D tensor)."""
+        return None
+
     def sparse_and_diagonal_backward(
         self,
         block: Block,
