@@ -35,18 +35,23 @@ DIMS = (256, 1024)  # embedding sizes of the profile's rows and of the model
 # - Tiles spread evenly over the SMs, rounded up to whole waves of resident CTAs.
 # - Interior tiles take the forward's interior path; tiles on the diagonal (or at the
 #   edge) the masked one.
-# - The PyTorch glue around the kernels (counted with a dispatch-mode counter on the
-#   Triton path, gpu-performance.md: forward 4 B x D-sized ops and 65 O(B) ops,
-#   backward 21 and 54, about 3.8 GB at B = 16384, D = 1024) streams at
-#   HBM_EFFICIENCY of the HBM bandwidth plus LAUNCH_S per launch.
+# - The glue around the B x B kernels (selhn_ext/_triton/glue.py; launches counted by
+#   tests/test_triton_glue.py's dispatch-mode and Triton-launch counter, bytes added up
+#   from what each glue kernel reads and writes) streams at HBM_EFFICIENCY of the HBM
+#   bandwidth plus LAUNCH_S per launch. At B = 16384, D = 1024, bf16, no ids, not
+#   deterministic, mode selhn: forward 4 launches (positive scores 67.2 MB, the forward
+#   kernel's buffers 0.66 MB, key decoding 0.66 MB, finalize 1.8 MB: 70.3 MB); backward
+#   8 launches (the dense accumulators' zero fill 134 MB and the gradients kernel
+#   403 MB: fp32 dense gradient, three input-dtype operand rows and the output row per
+#   gradient row; keys, their sort, estimated at four 32-byte passes, and the gated
+#   coefficients 5.2 MB: 542 MB). Before the glue was fused: forward 4 B x D-sized ops
+#   and 65 O(B) ops, backward 21 and 54, about 3.8 GB.
 # - Backward (the "panels" variant, selhn_ext/_triton/backward_kernels.py): with a
 #   fraction f of the anchors gated on each side, weights_kernel recomputes the S tiles
 #   touching a gated anchor once (gated rows x every column, other rows x gated columns:
 #   (2 f - f^2) B^2 / (BM BN) tiles) at the rate its profile gives; products_kernel does
 #   two GEMMs per part, (4 f - 2 f^2) x 2 B^2 D flops in all, at the torch.mm efficiency
 #   (MM_EFFICIENCY of peak; its profile is not tile-shaped, so not counted here).
-# - The glue counts above were taken before this work and before the one-pipeline
-#   refactor; the model keeps them until the glue is fused (issue 13, item 2).
 # ---------------------------------------------------------------------------------------
 
 
@@ -68,8 +73,8 @@ MM_EFFICIENCY = 0.8
 PIPE_RATE = {"fma": 128, "alu": 64, "xu": 16, "shfl": 32, "mem": 32, "local": 32}
 ISSUE_PER_CLOCK = 4  # warp instructions per SM
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
-GLUE_BYTES = {"forward": 3.8e9 * 4 / 25, "backward": 3.8e9 * 21 / 25}  # at 16384 x 1024
-GLUE_O_B_LAUNCHES = {"forward": 65, "backward": 54}
+GLUE_BYTES = {"forward": 70.3e6, "backward": 542e6}  # at 16384 x 1024
+GLUE_O_B_LAUNCHES = {"forward": 4, "backward": 8}
 HBM_EFFICIENCY = 0.7
 LAUNCH_S = 3e-6
 HEADLINE_B = 16384

@@ -306,8 +306,8 @@ MUTANTS = [
     Mutant(
         "square-buffer-loss",
         "selhn_ext/ops.py",
-        "    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)\n",
-        "    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)\n"
+        "    ctx.options = (margin, mode, backend, deterministic, allow_tf32, *rest)\n",
+        "    ctx.options = (margin, mode, backend, deterministic, allow_tf32, *rest)\n"
         "    ctx.held = torch.ones(img.shape[0], img.shape[0], dtype=torch.bool)\n",
         ((MEM,),),
         "the loss keeps a B x B bool buffer until backward",

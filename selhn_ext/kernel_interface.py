@@ -39,11 +39,15 @@ S = rows @ cols.T:
 
 and three O(B) / O(B*D) steps around them, which :class:`PyTorchGlue` implements once in
 plain PyTorch for every backend: ``positive_scores``, ``finalize_both`` (the gate, the
-per-anchor losses and the backward weights of both directions) and
+per-anchor losses and the backward weights of both directions; ``finalize_forward`` adds
+the (2, b) results of the block's own pairs) and
 ``sparse_and_diagonal_backward`` (the hardest-negative pairs and the diagonal, and the
-cast to the gradients' dtypes). A backend may fuse any of these into its own kernels; a
-fused ``finalize_both`` must reproduce :func:`finalize` exactly (every decision, every
-bit), which stays the one definition of the gate, and the tests compare the two.
+cast to the gradients' dtypes; in mode "hardest", which gates no anchor, the dense
+backward is skipped and its gradients are ``gate_free_dense_grads``: zeros, or None for a
+backend whose ``sparse_and_diagonal_backward`` takes None). A backend may fuse any of these into
+its own kernels; a fused ``finalize_both`` must reproduce :func:`finalize` exactly (every
+decision, every bit), which stays the one definition of the gate, and the tests compare
+the two.
 """
 
 from __future__ import annotations
@@ -124,7 +128,9 @@ class AnchorSide(NamedTuple):
 
     stats: DirectionStats  # merged over every negative
     positive: Tensor  # d of these anchors, compute dtype
-    negatives: Tensor  # n, the number of valid negatives of each anchor (int64)
+    # n, the number of valid negatives of each anchor (int64); None without ids, when
+    # every anchor has N - 1 (N the number of columns, ``col.positive``'s length).
+    negatives: Tensor | None
 
 
 class AnchorDecisions(NamedTuple):
@@ -137,6 +143,17 @@ class AnchorDecisions(NamedTuple):
     gap: Tensor  # compute dtype, d - max, NaN if none
     dense_weight: Tensor  # d loss / d hinge for every active hinge of a gated anchor
     hard_weight: Tensor  # d loss / d (hardest hinge) for a non-gated anchor (0 or 1)
+
+
+class PairedResults(NamedTuple):
+    """(2, b) per-anchor results of a block's pairs: row 0 the image anchors (the block's
+    rows), row 1 the caption anchors of the same pairs (columns row_offset + i)."""
+
+    loss: Tensor
+    gated: Tensor
+    near_tie: Tensor
+    hardest_index: Tensor
+    gap: Tensor
 
 
 class GatedAnchors(NamedTuple):
@@ -172,8 +189,10 @@ def count_negatives(ids: Tensor | None, batch: int, device: torch.device) -> Ten
     """n_i, the number of valid negatives of each anchor (int64)."""
     if ids is None:
         return torch.full((batch,), batch - 1, dtype=torch.int64, device=device)
-    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    return batch - counts[inverse]
+    # Sorted ids and two binary searches: unlike torch.unique, no host sync.
+    ordered = torch.sort(ids).values
+    same = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
+    return batch - same
 
 
 def merge_stats(a: DirectionStats, b: DirectionStats) -> DirectionStats:
@@ -309,6 +328,16 @@ class Backend(Protocol):
         self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
     ) -> tuple[AnchorDecisions, AnchorDecisions]: ...
 
+    def finalize_forward(
+        self,
+        row: AnchorSide,
+        col: AnchorSide,
+        margin: float,
+        eps: float,
+        mode: str,
+        row_offset: int,
+    ) -> tuple[PairedResults, AnchorDecisions, AnchorDecisions]: ...
+
     def dense_backward(
         self,
         block: Block,
@@ -319,10 +348,12 @@ class Backend(Protocol):
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]: ...
 
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None: ...
+
     def sparse_and_diagonal_backward(
         self,
         block: Block,
-        dense_grads: tuple[Tensor, Tensor],
+        dense_grads: tuple[Tensor, Tensor] | None,
         row: AnchorWeights,
         col: AnchorWeights,
         *,
@@ -344,15 +375,50 @@ class PyTorchGlue:
     def finalize_both(
         self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
     ) -> tuple[AnchorDecisions, AnchorDecisions]:
+        n_cols = col.positive.shape[0]
+
+        def negatives(side: AnchorSide) -> Tensor:
+            if side.negatives is not None:
+                return side.negatives
+            n = count_negatives(None, n_cols, side.positive.device)
+            return n[: side.positive.shape[0]]
+
         return (
-            finalize(row.stats, row.positive, row.negatives, margin, eps, mode),
-            finalize(col.stats, col.positive, col.negatives, margin, eps, mode),
+            finalize(row.stats, row.positive, negatives(row), margin, eps, mode),
+            finalize(col.stats, col.positive, negatives(col), margin, eps, mode),
+        )
+
+    def finalize_forward(
+        self,
+        row: AnchorSide,
+        col: AnchorSide,
+        margin: float,
+        eps: float,
+        mode: str,
+        row_offset: int,
+    ) -> tuple[PairedResults, AnchorDecisions, AnchorDecisions]:
+        """finalize_both, and the (2, b) results of the block's pairs (``row`` holds the
+        block's b rows, ``col`` all N columns, the pairs' captions from ``row_offset``)."""
+        row_dec, col_dec = self.finalize_both(row, col, margin, eps, mode)
+        mine = slice(row_offset, row_offset + row.positive.shape[0])
+        pairs = PairedResults(
+            *(torch.stack([getattr(row_dec, n), getattr(col_dec, n)[mine]])
+              for n in PairedResults._fields)
+        )  # fmt: skip
+        return pairs, row_dec, col_dec
+
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:
+        """The dense gradients when no anchor can be gated: zeros in the compute dtype."""
+        cdt = compute_dtype(block.rows.dtype)
+        return (
+            block.rows.new_zeros(block.rows.shape, dtype=cdt),
+            block.cols.new_zeros(block.cols.shape, dtype=cdt),
         )
 
     def sparse_and_diagonal_backward(
         self,
         block: Block,
-        dense_grads: tuple[Tensor, Tensor],
+        dense_grads: tuple[Tensor, Tensor] | None,
         row: AnchorWeights,
         col: AnchorWeights,
         *,
@@ -360,6 +426,8 @@ class PyTorchGlue:
         out_dtypes: tuple[torch.dtype, torch.dtype],
     ) -> tuple[Tensor, Tensor]:
         """The final gradients in ``out_dtypes`` (the dense ones are updated in place)."""
+        if dense_grads is None:
+            dense_grads = PyTorchGlue.gate_free_dense_grads(self, block)
         grad_rows, grad_cols = dense_grads
         sparse_and_diagonal_backward(block, grad_rows, grad_cols, row, col, deterministic)
         return grad_rows.to(out_dtypes[0]), grad_cols.to(out_dtypes[1])

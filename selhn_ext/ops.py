@@ -81,6 +81,7 @@ def loss_backward(
     col_active: Tensor,
     positive: Tensor,
     margin: float,
+    mode: str,
     backend: str,
     deterministic: bool,
     allow_tf32: bool,
@@ -92,7 +93,7 @@ def loss_backward(
     )  # fmt: skip
     return pipeline.backward(
         dispatch.backend(backend), grad_loss, img, txt, ids, gated, hardest_index, saved,
-        pipeline.Settings(margin, 0.0, "", deterministic, allow_tf32),
+        pipeline.Settings(margin, 0.0, mode, deterministic, allow_tf32),
         pipeline.exchange_for(exchange, img.shape[0]),
     )  # fmt: skip
 
@@ -106,7 +107,7 @@ def _setup_context(ctx, inputs, output):
     img, txt, ids, margin, eps, mode, backend, deterministic, allow_tf32, *rest = inputs
     _, gated, _, hardest_index, _, *saved = output
     ctx.save_for_backward(img, txt, ids, gated, hardest_index, *saved)
-    ctx.options = (margin, backend, deterministic, allow_tf32, *rest)
+    ctx.options = (margin, mode, backend, deterministic, allow_tf32, *rest)
 
 
 def _backward(ctx, grad_loss, *unused_grads):

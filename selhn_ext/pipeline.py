@@ -146,7 +146,9 @@ def forward(
         d_local = backend.positive_scores(img, txt)
         d_all = exchange.gather_rows("the positive score all-gather", d_local)
         ids_all = _gather_ids(exchange, ids)
-        n_all = count_negatives(ids_all, exchange.total, img.device)
+        n_all = None  # no ids: every anchor has N - 1 negatives, the backend knows
+        if ids_all is not None:
+            n_all = count_negatives(ids_all, exchange.total, img.device)
         block = Block(img, cols, d_all, exchange.offset, ids, ids_all)
         row_stats, col_partial = backend.partials(
             block, settings.margin, deterministic=settings.deterministic,
@@ -154,21 +156,18 @@ def forward(
         )  # fmt: skip
         col_stats = exchange.merge_columns(col_partial)
         mine = slice(exchange.offset, exchange.offset + exchange.local)
-        row, col = backend.finalize_both(
-            AnchorSide(row_stats, d_local, n_all[mine]),
+        pairs, row, col = backend.finalize_forward(
+            AnchorSide(row_stats, d_local, None if n_all is None else n_all[mine]),
             AnchorSide(col_stats, d_all, n_all),
-            settings.margin, settings.eps, settings.mode,
+            settings.margin, settings.eps, settings.mode, exchange.offset,
         )  # fmt: skip
-
-    def pair(name: str) -> Tensor:
-        return torch.stack([getattr(row, name), getattr(col, name)[mine]])
 
     saved = Saved(
         row.dense_weight, row.hard_weight, row_stats.active,
         col.gated, col.hardest_index, col.dense_weight, col.hard_weight, col_stats.active,
         d_all,
     )  # fmt: skip
-    return Forward(*(pair(n) for n in ("loss", "gated", "near_tie", "hardest_index", "gap")), saved)
+    return Forward(*pairs, saved)
 
 
 def backward(
@@ -195,12 +194,15 @@ def backward(
         col_up = exchange.gather_rows("the upstream gradient all-gather", up[1].contiguous())
         cols = exchange.gather_rows("the caption embedding all-gather", txt)
         block = Block(img, cols, saved.positive, exchange.offset, ids, _gather_ids(exchange, ids))
-        dense = backend.dense_backward(
-            block, settings.margin,
-            GatedAnchors(row_up * saved.row_dense_weight, col_up * saved.col_dense_weight,
-                         gated[0], saved.col_gated),
-            deterministic=settings.deterministic, allow_tf32=settings.allow_tf32,
-        )  # fmt: skip
+        if settings.mode == "hardest":  # no anchor is gated: no dense backward at all
+            dense = backend.gate_free_dense_grads(block)
+        else:
+            dense = backend.dense_backward(
+                block, settings.margin,
+                GatedAnchors(row_up * saved.row_dense_weight, col_up * saved.col_dense_weight,
+                             gated[0], saved.col_gated),
+                deterministic=settings.deterministic, allow_tf32=settings.allow_tf32,
+            )  # fmt: skip
         # One process casts the column gradient at once; several sum theirs first.
         one_process = exchange.local == exchange.total
         grad_img, grad_cols = backend.sparse_and_diagonal_backward(

@@ -27,9 +27,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from selhn_ext._triton import backward_kernels, forward_kernels  # noqa: E402
+from selhn_ext._triton import backward_kernels, forward_kernels, glue_kernels  # noqa: E402
 from selhn_ext._triton.backward import COMPACT_BLOCK, GEMM_CONFIGS  # noqa: E402
 from selhn_ext._triton.config import CONFIGS, precision  # noqa: E402
+from selhn_ext._triton.glue import FINALIZE_BLOCK, INIT_BLOCK, KEYS_BLOCK  # noqa: E402
 
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 # Arguments that are 1 for contiguous inputs: triton turns such values into constants.
@@ -143,6 +144,55 @@ def specializations(quick: bool = False):
     for fn in (backward_kernels.count_kernel, backward_kernels.compact_kernel):
         types = _types(fn, {k: v for k, v in pointers.items() if k in fn.arg_names}, ())
         yield fn.__name__, fn, types, {"BLOCK": COMPACT_BLOCK}, 4, 1
+    yield from glue_specializations()
+
+
+def glue_specializations():
+    """The fused glue (selhn_ext/_triton/glue_kernels.py): pointers named *_ptr are fp32
+    unless listed, indices int64."""
+    fns = glue_kernels
+
+    def glue_types(fn, pointers, floats=()):
+        default = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
+        return _types(fn, {**default, **pointers}, floats)
+
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        data = POINTER_TYPES[dtype]
+        fn = fns.positive_kernel
+        yield f"glue positive {name}", fn, glue_types(fn, {"img_ptr": data, "txt_ptr": data}), \
+            dict(BLOCK_R=16, BLOCK_D=256), 4, 1  # fmt: skip
+        fn = fns.gradients_kernel
+        pointers = {
+            "rows_ptr": data, "cols_ptr": data, "out_rows_ptr": data, "out_cols_ptr": data,
+            "row_arg_ptr": "*i64", "col_arg_ptr": "*i64", "row_act_ptr": "*i32",
+            "col_act_ptr": "*i32", "keys_ptr": "*i64", "sources_ptr": "*i64",
+        }  # fmt: skip
+        for has_dense in (False, True):
+            constexprs = dict(HAS_DENSE=has_dense, ROWS_BY_HAND=False, COLS_BY_HAND=False,
+                              BLOCK_D=1024)  # fmt: skip
+            yield f"glue gradients {name} dense={has_dense}", fn, glue_types(fn, pointers), \
+                constexprs, 4, 1  # fmt: skip
+    ints = {"row_arg_ptr": "*i64", "col_arg_ptr": "*i64", "row_n_ptr": "*i64",
+            "col_n_ptr": "*i64", "pair_arg_ptr": "*i64"}  # fmt: skip
+    flags = {f"{side}_{what}_ptr": "*i1" for side in ("row", "col", "pair")
+             for what in ("gated", "near")}  # fmt: skip
+    fn = fns.finalize_kernel
+    for mode, has_n in product(("selhn", "hardest", "all", "sum_hinges"), (False, True)):
+        yield f"glue finalize {mode} n={has_n}", fn, \
+            glue_types(fn, {**ints, **flags}, ("margin", "eps")), \
+            dict(HAS_N=has_n, MODE=mode, BLOCK=FINALIZE_BLOCK), 4, 1  # fmt: skip
+    fn = fns.hard_keys_kernel
+    yield "glue hard_keys", fn, glue_types(fn, {"row_arg_ptr": "*i64", "col_arg_ptr": "*i64",
+                                                "keys_ptr": "*i64"}), \
+        dict(BLOCK=KEYS_BLOCK), 4, 1  # fmt: skip
+    fn = fns.partials_init_kernel
+    yield "glue partials_init", fn, glue_types(fn, {
+        "row_key_ptr": "*i64", "col_key_ptr": "*i64", "row_cnt_ptr": "*i32",
+        "col_cnt_ptr": "*i32"}), dict(BLOCK=INIT_BLOCK), 4, 1  # fmt: skip
+    fn = fns.decode_keys_kernel
+    yield "glue decode_keys", fn, glue_types(fn, {
+        "row_key_ptr": "*i64", "col_key_ptr": "*i64", "row_arg_ptr": "*i64",
+        "col_arg_ptr": "*i64"}), dict(BLOCK=INIT_BLOCK), 4, 1  # fmt: skip
 
 
 def compile_one(fn, types, constexprs, num_warps, num_stages, arch: int, **options):

@@ -7,18 +7,33 @@
     config.py             block configurations, grid splits, test switches
     forward.py            the forward launcher (``partials``)
     backward.py           the backward launchers (``dense_backward``, ``compact``)
+    glue_kernels.py       the fused O(B) and O(B*D) steps around them (positive scores,
+                          finalize of both directions, hardest-negative and diagonal
+                          gradients written in the input dtype)
+    glue.py               their launchers
 
 ``TritonBackend(variant)`` implements ``partials`` and ``dense_backward`` of
-``kernel_interface.py``; the variant names the dense backward (``backward.VARIANTS``, one
-so far: ``panels``), chosen by dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing``
-holds the test-only switches (reversed work order, recomputed-tile counter, panel size).
+``kernel_interface.py`` and replaces the PyTorch glue with glue.py's kernels; the variant
+names the dense backward (``backward.VARIANTS``, one so far: ``panels``), chosen by
+dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing`` holds the test-only switches
+(reversed work order, recomputed-tile counter, panel size).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ..kernel_interface import Block, GatedAnchors, PyTorchGlue
+from ..kernel_interface import (
+    AnchorDecisions,
+    AnchorSide,
+    AnchorWeights,
+    Block,
+    GatedAnchors,
+    PairedResults,
+    PyTorchGlue,
+)
+from . import glue
 from .backward import VARIANTS, compact, dense_backward
 from .config import CONFIGS, BlockConfig, testing
 from .forward import partials
@@ -34,6 +49,53 @@ class TritonBackend(PyTorchGlue):
         self.variant = variant
 
     partials = staticmethod(partials)
+
+    def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor:
+        if not glue.fusable(img, txt):
+            return super().positive_scores(img, txt)
+        return glue.positive_scores(img, txt)
+
+    def finalize_both(
+        self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
+    ) -> tuple[AnchorDecisions, AnchorDecisions]:
+        if not glue.finalize_inputs_fusable(row, col):
+            return super().finalize_both(row, col, margin, eps, mode)
+        _, row_dec, col_dec = glue.finalize_forward(row, col, margin, eps, mode, 0)
+        return row_dec, col_dec
+
+    def finalize_forward(
+        self,
+        row: AnchorSide,
+        col: AnchorSide,
+        margin: float,
+        eps: float,
+        mode: str,
+        row_offset: int,
+    ) -> tuple[PairedResults, AnchorDecisions, AnchorDecisions]:
+        if not glue.finalize_inputs_fusable(row, col):
+            return super().finalize_forward(row, col, margin, eps, mode, row_offset)
+        return glue.finalize_forward(row, col, margin, eps, mode, row_offset)
+
+    def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:
+        """None: the fused gradients kernel adds no dense term (no fp32 B x D tensor)."""
+        return None
+
+    def sparse_and_diagonal_backward(
+        self,
+        block: Block,
+        dense_grads: tuple[Tensor, Tensor] | None,
+        row: AnchorWeights,
+        col: AnchorWeights,
+        *,
+        deterministic: bool,
+        out_dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[Tensor, Tensor]:
+        """Deterministic whatever ``deterministic`` says (see glue.py)."""
+        if not glue.fusable(block.rows):
+            return super().sparse_and_diagonal_backward(
+                block, dense_grads, row, col, deterministic=deterministic, out_dtypes=out_dtypes
+            )
+        return glue.sparse_and_diagonal_backward(block, dense_grads, row, col, out_dtypes)
 
     def dense_backward(
         self,

@@ -2,8 +2,9 @@
 configurations, grid splits, test switches and argument preparation.
 
 Nothing in the launchers synchronises with the device: grids are sized from shapes only
-(worst case where a device-side count decides the work), and every O(B) finish (key
-decoding, the fixed-order sum of deterministic slots) is a plain PyTorch op.
+(worst case where a device-side count decides the work), and every O(B) step around the
+kernels is a glue kernel (glue.py) or, for the fixed-order sum of deterministic slots, a
+plain PyTorch op.
 """
 
 from __future__ import annotations

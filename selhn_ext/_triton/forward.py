@@ -11,6 +11,7 @@ import triton
 from torch import Tensor
 
 from ..kernel_interface import Block, DirectionStats
+from . import glue
 from .config import (
     FORWARD_CPU_PROGRAMS,
     FORWARD_PROGRAMS_PER_SM,
@@ -25,18 +26,6 @@ from .config import (
     upcast,
 )
 from .forward_kernels import exact_fixup_kernel, partials_kernel
-
-NO_KEY = -(2**63)
-
-
-def decode_keys(key: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, arg) from packed keys; see tile.py for the layout."""
-    none = key == NO_KEY
-    high = (key >> 32).to(torch.int32)
-    bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
-    best = torch.where(none, float("-inf"), bits.view(torch.float32))
-    arg = torch.where(none, -1, 0xFFFFFFFF - (key & 0xFFFFFFFF))
-    return best, arg
 
 
 def masked_tile_count(b: int, n_cols: int, row_offset: int, bm: int, bn: int) -> int:
@@ -88,15 +77,10 @@ def partials(
     # The kernel merges tiles past the edges into these spare elements (no masks) and
     # reads d past the edge from the zero padding of col_pos.
     rows_pad, cols_pad = b + cfg.BM, n_cols + cfg.BN
-    pos = torch.zeros(n_cols + max(cfg.BM, cfg.BN), dtype=torch.float32, device=device)
-    pos[:n_cols] = col_pos
-    row_key = torch.full((rows_pad,), NO_KEY, dtype=torch.int64, device=device)
-    col_key = torch.full((cols_pad,), NO_KEY, dtype=torch.int64, device=device)
-    row_cnt = torch.zeros(rows_pad, dtype=torch.int32, device=device)
-    col_cnt = torch.zeros(cols_pad, dtype=torch.int32, device=device)
     sum_programs = programs if deterministic else 1
-    row_sum = torch.zeros(sum_programs, rows_pad, dtype=torch.float32, device=device)
-    col_sum = torch.zeros(sum_programs, cols_pad, dtype=torch.float32, device=device)
+    pos, row_key, col_key, row_cnt, col_cnt, row_sum, col_sum = glue.partials_buffers(
+        col_pos, n_cols + max(cfg.BM, cfg.BN), rows_pad, cols_pad, sum_programs
+    )
     use_tma = tma_allowed(rows, allow_tf32) and tma_allowed(cols, allow_tf32)
     if use_tma and device.type == "cuda":
         ensure_allocator()
@@ -118,7 +102,10 @@ def partials(
             USE_TMA=use_tma, **common,
         )  # fmt: skip
     # Fixed shapes, fixed order: torch's reductions do not use atomics.
-    row_sum, col_sum = row_sum.sum(dim=0), col_sum.sum(dim=0)
+    if deterministic:
+        row_sum, col_sum = row_sum.sum(dim=0), col_sum.sum(dim=0)
+    else:
+        row_sum, col_sum = row_sum[0], col_sum[0]
     if tiles:
         exact_fixup_kernel[(row_blocks + col_blocks,)](
             rows, cols, pos, row_ids_t, col_ids_t,
@@ -127,8 +114,7 @@ def partials(
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             float(margin), row_blocks, col_blocks, **common,
         )  # fmt: skip
-    row_max, row_arg = decode_keys(row_key[:b])
-    col_max, col_arg = decode_keys(col_key[:n_cols])
+    row_max, row_arg, col_max, col_arg = glue.decode_keys(row_key[:b], col_key[:n_cols])
     return (
         DirectionStats(row_max, row_arg, row_sum[:b], row_cnt[:b]),
         DirectionStats(col_max, col_arg, col_sum[:n_cols], col_cnt[:n_cols]),

@@ -1,0 +1,460 @@
+"""The Triton backend's fused glue (selhn_ext/_triton/glue.py): finalize bit for bit
+against kernel_interface.finalize, the gradients against the PyTorch glue, the same bits
+every run, and the launches and allocations around the B x B kernels, counted with a
+dispatch-mode counter for aten ops and a count of Triton launches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("triton")
+
+from selhn_ext import pipeline  # noqa: E402
+from selhn_ext._triton import TritonBackend  # noqa: E402
+from selhn_ext.kernel_interface import (  # noqa: E402
+    AnchorSide,
+    AnchorWeights,
+    Block,
+    DirectionStats,
+    PyTorchGlue,
+    finalize,
+)
+
+MODES = ("selhn", "hardest", "all", "sum_hinges")
+EPS = 0.1
+MARGIN = 0.2
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def awkward_side(n: int, n_cols: int, gen: torch.Generator, with_ids: bool) -> AnchorSide:
+    """Statistics with NaN, +-inf, -0.0, gaps exactly at +-eps (in fp32), no hardest
+    negative (arg -1, max -inf) and anchors with no negative at all."""
+    d = torch.randn(n, generator=gen)
+    best = d - (torch.rand(n, generator=gen) * 0.3 - 0.15)
+    eps32 = torch.tensor(EPS, dtype=torch.float32)
+    # Gaps of exactly +eps and -eps (eps rounded to fp32, as finalize compares), and NaN.
+    d[0:4] = torch.stack([eps32, torch.tensor(0.0), 2 * eps32, torch.tensor(float("nan"))])
+    best[0:4] = torch.stack([torch.tensor(0.0), eps32, eps32, torch.tensor(0.5)])
+    best[4:8] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+    d[8:10] = torch.tensor([float("inf"), float("-inf")])
+    best[10] = d[10] + MARGIN - 2**-20  # hard hinge just around zero
+    best[11] = d[11] - MARGIN  # margin + max - d == 0 in exact arithmetic
+    arg = torch.randint(0, n_cols, (n,), generator=gen)
+    arg[12:14] = -1
+    best[12:14] = float("-inf")
+    hinge_sum = torch.rand(n, generator=gen) * 3
+    hinge_sum[14:16] = torch.tensor([float("nan"), float("inf")])
+    negatives = torch.full((n,), n_cols - 1, dtype=torch.int64)
+    if with_ids:
+        negatives = torch.randint(0, n_cols, (n,), generator=gen)
+        negatives[16:18] = 0  # every column shares the anchor's id
+        arg[16:18] = -1
+    active = torch.randint(0, n_cols, (n,), generator=gen, dtype=torch.int32)
+    return AnchorSide(DirectionStats(best, arg, hinge_sum, active), d, negatives)
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_finalize_is_bit_identical(mode, with_ids):
+    gen = torch.Generator().manual_seed(7)
+    b = n_cols = 1500  # two finalize blocks per side
+    row, col = awkward_side(b, n_cols, gen, with_ids), awkward_side(n_cols, n_cols, gen, with_ids)
+    fused = TritonBackend().finalize_both(row, col, MARGIN, EPS, mode)
+    for side, got in zip((row, col), fused, strict=False):
+        want = finalize(side.stats, side.positive, side.negatives, MARGIN, EPS, mode)
+        for name, w, g in zip(want._fields, want, got, strict=False):
+            assert g.dtype == w.dtype, name
+            assert torch.equal(bits(g), bits(w)), f"{mode} {name}"
+    # The decisions the test is about do occur: both gate outcomes, NaN and inf losses.
+    want = finalize(row.stats, row.positive, row.negatives, MARGIN, EPS, mode)
+    assert want.near_tie.any() and (~want.near_tie).any()
+    assert (want.gap[:3].abs() == torch.tensor(EPS, dtype=torch.float32)).all()
+    assert want.loss.isnan().any() and want.loss.isinf().any()
+
+
+@pytest.mark.parametrize("row_offset", [0, 37])
+def test_finalize_forward_pairs(row_offset):
+    gen = torch.Generator().manual_seed(3)
+    b, n_cols = 100, 200
+    row, col = awkward_side(b, n_cols, gen, True), awkward_side(n_cols, n_cols, gen, True)
+    want = PyTorchGlue().finalize_forward(row, col, MARGIN, EPS, "selhn", row_offset)
+    got = TritonBackend().finalize_forward(row, col, MARGIN, EPS, "selhn", row_offset)
+    for w_part, g_part in zip(want, got, strict=False):
+        for name, w, g in zip(w_part._fields, w_part, g_part, strict=False):
+            assert torch.equal(bits(g), bits(w)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_positive_scores_read_inputs_as_they_are(dtype):
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(37, 300, generator=gen).to(dtype)
+    txt = torch.randn(300, 37, generator=gen).to(dtype).t()  # strided rows
+    got = TritonBackend().positive_scores(img, txt)
+    want = (img.double() * txt.double()).sum(dim=1)
+    scale = (img.double().abs() * txt.double().abs()).sum(dim=1)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= 1e-6 * scale).all()
+
+
+def backward_case(dtype, row_offset, b, n_cols, dim, gen):
+    rows = torch.randn(b, dim, generator=gen).to(dtype)
+    cols = torch.randn(n_cols, dim, generator=gen).to(dtype)
+    col_pos = torch.randn(n_cols, generator=gen)
+    block = Block(rows, cols, col_pos, row_offset)
+
+    def weights(n, targets):
+        hardest = torch.randint(0, targets, (n,), generator=gen)
+        hardest[:3] = 1  # a shared hardest negative: a scatter with duplicates
+        hardest[5] = -1
+        hard = (torch.rand(n, generator=gen) < 0.7).float()
+        hard[5] = 0.0
+        dense = torch.where(hard > 0, 0.0, 1.0 / max(targets - 1, 1))
+        active = torch.randint(0, targets, (n,), generator=gen, dtype=torch.int32)
+        up = torch.rand(n, generator=gen) + 0.5
+        return AnchorWeights(up, hardest, dense, hard, active)
+
+    row = weights(b, n_cols)
+    col = weights(n_cols, n_cols)  # global row indices, some outside this block
+    dense = (torch.randn(b, dim, generator=gen), torch.randn(n_cols, dim, generator=gen))
+    return block, dense, row, col
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("row_offset", [0, 29])
+def test_gradients_match_the_pytorch_glue(dtype, row_offset):
+    gen = torch.Generator().manual_seed(11)
+    b, n_cols, dim = (60 if row_offset else 90), 90, 40
+    block, dense, row, col = backward_case(dtype, row_offset, b, n_cols, dim, gen)
+    out_dtypes = (dtype, dtype if row_offset == 0 else torch.float32)
+    want = PyTorchGlue().sparse_and_diagonal_backward(
+        block, tuple(t.clone() for t in dense), row, col, deterministic=True,
+        out_dtypes=out_dtypes,
+    )  # fmt: skip
+    runs = [
+        TritonBackend().sparse_and_diagonal_backward(
+            block, dense, row, col, deterministic=False, out_dtypes=out_dtypes
+        )
+        for _ in range(2)
+    ]
+    for w, g, g2 in zip(want, *runs, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g, g2)  # the same bits every run, in the default mode
+        # Exact up to the fp32 summation order and one rounding to the output dtype.
+        ulp = 2**-8 if g.dtype == torch.bfloat16 else 2**-20
+        size = w.double().abs().amax(dim=1, keepdim=True) + 1
+        assert ((g.double() - w.double()).abs() <= ulp * size).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Launches and allocations
+
+# Ops that launch nothing: allocations without a fill, and views.
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+
+
+class OpCounter(TorchDispatchMode):
+    """aten ops that run a kernel (views and empty allocations excluded), and the fp32
+    tensors of at least ``big`` elements any op creates."""
+
+    def __init__(self, big: int) -> None:
+        super().__init__()
+        self.big, self.ops, self.big_fp32 = big, Counter(), []
+        # Inside the B x B kernels' launchers: their own aten ops and Triton launches.
+        self.paused, self.launcher_ops, self.launcher_triton = 0, Counter(), Counter()
+        self.triton, self.interpreting = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.interpreting:
+            return out
+        name = func.overloadpacket.__name__
+        schema = func._schema
+        is_view = bool(schema.returns) and schema.returns[0].alias_info is not None
+        is_view = is_view and not schema.returns[0].alias_info.is_write
+        if name not in NO_LAUNCH and not is_view:
+            (self.launcher_ops if self.paused else self.ops)[name] += 1
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.big:
+                self.big_fp32.append((name, tuple(t.shape), bool(self.paused)))
+        return out
+
+
+@contextlib.contextmanager
+def glue_counter(big: int):
+    """Counts aten ops and Triton launches outside the B x B kernels' launchers
+    (partials, dense_backward), which the counter pauses inside."""
+    import triton.runtime.interpreter as interpreter
+
+    counter = OpCounter(big)
+    stack = contextlib.ExitStack()
+    original_run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        (counter.launcher_triton if counter.paused else counter.triton)[self.fn.__name__] += 1
+        counter.interpreting += 1  # the interpreter's own copies of the arguments
+        try:
+            return original_run(self, *args, **kwargs)
+        finally:
+            counter.interpreting -= 1
+
+    patch = stack.enter_context(pytest.MonkeyPatch.context())
+    patch.setattr(interpreter.InterpretedFunction, "run", counted_run)
+    for name in ("partials", "dense_backward"):
+        original = getattr(TritonBackend, name)  # a function either way
+
+        def paused(*args, _original=original, **kwargs):
+            counter.paused += 1
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                counter.paused -= 1
+
+        is_static = isinstance(TritonBackend.__dict__[name], staticmethod)
+        patch.setattr(TritonBackend, name, staticmethod(paused) if is_static else paused)
+    with stack, counter:
+        yield counter
+
+
+def run_pipeline(img, txt, ids, mode, upstream):
+    """pipeline.forward and .backward of the Triton backend, each under its own counter."""
+    backend = TritonBackend()
+    settings = pipeline.Settings(MARGIN, EPS, mode, False, False)
+    one = pipeline.OneProcess(img.shape[0])
+    big = img.numel()
+    with glue_counter(big) as fwd:
+        out = pipeline.forward(backend, img, txt, ids, settings, one)
+    with glue_counter(big) as bwd:
+        grads = pipeline.backward(
+            backend, upstream, img, txt, ids, out.gated, out.hardest_index, out.saved, settings,
+            one,
+        )  # fmt: skip
+    return fwd, bwd, out, grads
+
+
+@pytest.mark.parametrize("mode", ["selhn", "hardest"])
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_glue_launches_and_allocations(dtype, with_ids, mode):
+    from selhn_ext import dispatch
+
+    if not dispatch.TRITON_INTERPRET:
+        pytest.skip("counts Triton launches under the interpreter")
+    gen = torch.Generator().manual_seed(5)
+    b, dim = 70, 48
+    img = torch.randn(b, dim, generator=gen).to(dtype)
+    txt = torch.randn(b, dim, generator=gen).to(dtype)
+    ids = torch.randint(0, 50, (b,), generator=gen) if with_ids else None
+    upstream = torch.rand(2, b, generator=gen)
+    fwd, bwd, out, grads = run_pipeline(img, txt, ids, mode, upstream)
+    what = {name: (c.ops, c.triton, c.launcher_ops, c.launcher_triton) for name, c in
+            (("forward", fwd), ("backward", bwd))}  # fmt: skip
+    # Forward: positive scores, the forward kernels' buffers, their keys decoded, and
+    # finalize of both directions, one launch each, and no fp32 copy of an input; with
+    # ids the negative counts add a sort, two binary searches and two differences.
+    assert fwd.triton == Counter(positive_kernel=1, finalize_kernel=1), what
+    assert set(fwd.launcher_triton) == BXB_FORWARD | {"partials_init_kernel", "decode_keys_kernel"}
+    assert glue_launches(fwd) == (4 + 5 * with_ids), what
+    assert not fwd.big_fp32, fwd.big_fp32
+    if mode == "hardest":
+        # No anchor can be gated: no dense backward, three launches in all, and no fp32
+        # B x D tensor unless the gradients themselves are fp32.
+        assert bwd.triton == Counter(hard_keys_kernel=1, gradients_kernel=1), what
+        assert bwd.ops == Counter(sort=1) and not bwd.launcher_triton, what
+        fp32_outputs = 2 if dtype == torch.float32 else 0
+        assert len(bwd.big_fp32) == fp32_outputs, bwd.big_fp32
+    else:
+        # The glue: the gated coefficients (two products), keys, sort, gradients; the
+        # fp32 B x D tensors are the dense backward's accumulators only (see glue.py).
+        assert bwd.triton == Counter(hard_keys_kernel=1, gradients_kernel=1), what
+        assert bwd.ops == Counter(mul=2, sort=1), what
+        assert all(inside for _, _, inside in bwd.big_fp32 if dtype != torch.float32)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    # The glue's result: the PyTorch glue on the same forward gives the same gradients
+    # up to fp32 summation order and one rounding.
+    reference = PyTorchGlue()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("positive_scores", "finalize_both", "finalize_forward",
+                     "sparse_and_diagonal_backward"):  # fmt: skip
+            patch.setattr(TritonBackend, name, getattr(reference, name).__func__)
+        _, _, out_ref, grads_ref = run_pipeline(img, txt, ids, mode, upstream)
+    for got, want in zip(grads, grads_ref, strict=True):
+        size = want.double().abs().amax(dim=1, keepdim=True) + 1
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-18
+        assert ((got.double() - want.double()).abs() <= ulp * size).all()
+
+
+BXB_FORWARD = {"partials_kernel", "exact_fixup_kernel"}
+BXB_BACKWARD = {"count_kernel", "compact_kernel", "weights_kernel", "products_kernel"}
+
+
+def glue_launches(counter) -> int:
+    """Launches outside the B x B kernels (the launchers' own aten ops included)."""
+    bxb = BXB_FORWARD | BXB_BACKWARD
+    triton_glue = sum(n for k, n in counter.launcher_triton.items() if k not in bxb)
+    return (
+        sum(counter.ops.values()) + sum(counter.triton.values())
+        + sum(counter.launcher_ops.values()) + triton_glue
+    )  # fmt: skip
+
+
+def _global_batch(dtype):
+    gen = torch.Generator().manual_seed(21)
+    n, dim = 75, 24
+    img = torch.randn(n, dim, generator=gen).to(dtype)
+    txt = (img.float() + 0.8 * torch.randn(n, dim, generator=gen)).to(dtype)
+    ids = torch.randint(0, 60, (n,), generator=gen)
+    return img, txt, ids
+
+
+def _loss_and_grads(loss_fn, img, txt, ids, mode):
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = loss_fn(img, txt, margin=MARGIN, eps=EPS, mode=mode, ids=ids, backend="triton")
+    loss.backward()
+    return loss.detach(), img.grad, txt.grad
+
+
+SIZES = (40, 35)  # two ranks: the second block starts at row_offset 40
+DIST_CASES = [(torch.float32, "selhn", True), (torch.bfloat16, "hardest", False)]
+
+
+def _rank_main(rank: int) -> None:
+    """One rank of test_distributed_blocks: its rows of the global batch."""
+    import json
+
+    import torch.distributed as dist
+
+    from selhn_ext import distributed
+
+    dist.init_process_group("gloo")
+    rows = slice(sum(SIZES[:rank]), sum(SIZES[: rank + 1]))
+    out = []
+    for dtype, mode, with_ids in DIST_CASES:
+        img, txt, ids = _global_batch(dtype)
+        loss, g_img, g_txt = _loss_and_grads(
+            distributed.selhn_loss, img[rows], txt[rows], ids[rows] if with_ids else None, mode
+        )
+        out.append([loss.item(), g_img.float().tolist(), g_txt.float().tolist()])
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps(out))
+
+
+@pytest.mark.backend("distributed")
+def test_distributed_blocks(tmp_path):
+    """Two gloo ranks (the second with row_offset 40) give the single-process gradients."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from selhn_ext import functional
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank)],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-4000:]
+        line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    for case, (dtype, mode, with_ids) in enumerate(DIST_CASES):
+        img, txt, ids = _global_batch(dtype)
+        loss, g_img, g_txt = _loss_and_grads(
+            functional.selhn_loss, img, txt, ids if with_ids else None, mode
+        )
+        got_img = torch.cat([torch.tensor(r[case][1]) for r in results])
+        got_txt = torch.cat([torch.tensor(r[case][2]) for r in results])
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-18
+        for got, want in ((got_img, g_img.float()), (got_txt, g_txt.float())):
+            size = want.abs().amax() + 1e-30
+            assert want.abs().amax() > 0
+            assert ((got - want).abs() <= ulp * size).all(), (dtype, mode)
+        for r in results:
+            assert abs(r[case][0] - loss.item()) <= 1e-5 * abs(loss.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["selhn", "hardest"])
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_cuda_graph_captures_forward_and_backward(mode, with_ids):
+    """No host sync anywhere: forward and backward are captured in one CUDA graph, and a
+    replay on new inputs gives the eager result bit for bit."""
+    from selhn_ext import functional
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    b, dim = 600, 256
+
+    def batch():
+        img = torch.randn(b, dim, generator=gen, device=device).to(torch.bfloat16)
+        ids = torch.randint(0, 400, (b,), generator=gen, device=device)
+        return img, torch.randn(b, dim, generator=gen, device=device).to(torch.bfloat16), ids
+
+    static_img, static_txt, static_ids = (t.clone() for t in batch())
+    static_img.requires_grad_()
+    static_txt.requires_grad_()
+
+    def step():
+        loss = functional.selhn_loss(
+            static_img, static_txt, margin=MARGIN, eps=EPS, mode=mode, backend="triton",
+            ids=static_ids if with_ids else None, deterministic=True,
+        )  # fmt: skip
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles every kernel before the capture
+        for _ in range(2):
+            static_img.grad = static_txt.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_img.grad = static_txt.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    img, txt, ids = batch()
+    with torch.no_grad():
+        static_img.copy_(img)
+        static_txt.copy_(txt)
+        static_ids.copy_(ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_img, eager_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    eager = functional.selhn_loss(
+        eager_img, eager_txt, margin=MARGIN, eps=EPS, mode=mode, backend="triton",
+        ids=ids if with_ids else None, deterministic=True,
+    )  # fmt: skip
+    eager.backward()
+    assert torch.equal(static_loss, eager)
+    assert torch.equal(static_img.grad, eager_img.grad)
+    assert torch.equal(static_txt.grad, eager_txt.grad)
+    assert eager_img.grad.abs().sum() > 0  # a gradient that an all-zero bug would fail
+
+
+if __name__ == "__main__":
+    import os
+
+    _rank_main(int(os.environ["RANK"]))
