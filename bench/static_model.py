@@ -39,8 +39,9 @@ DIMS = (256, 1024)  # embedding sizes of the profile's rows and of the model
 #   tests/test_triton_glue.py's dispatch-mode and Triton-launch counter, bytes added up
 #   from what each glue kernel reads and writes) streams at HBM_EFFICIENCY of the HBM
 #   bandwidth plus LAUNCH_S per launch. At B = 16384, D = 1024, bf16, no ids, not
-#   deterministic, mode selhn: forward 4 launches (positive scores 67.2 MB, the forward
-#   kernel's buffers 0.66 MB, key decoding 0.66 MB, finalize 1.8 MB: 70.3 MB); backward
+#   deterministic, mode selhn: forward 3 launches (positive scores 67.2 MB, the forward
+#   kernel's buffers 0.66 MB, finalize with the packed keys' decoding 2.1 MB: 69.9 MB;
+#   before the decoding moved into finalize 4 launches and 70.3 MB); backward
 #   8 launches (the dense accumulators' zero fill 134 MB and the gradients kernel
 #   403 MB: fp32 dense gradient, three input-dtype operand rows and the output row per
 #   gradient row; keys, their sort, estimated at four 32-byte passes, and the gated
@@ -73,8 +74,8 @@ MM_EFFICIENCY = 0.8
 PIPE_RATE = {"fma": 128, "alu": 64, "xu": 16, "shfl": 32, "mem": 32, "local": 32}
 ISSUE_PER_CLOCK = 4  # warp instructions per SM
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
-GLUE_BYTES = {"forward": 70.3e6, "backward": 542e6}  # at 16384 x 1024
-GLUE_O_B_LAUNCHES = {"forward": 4, "backward": 8}
+GLUE_BYTES = {"forward": 69.9e6, "backward": 542e6}  # at 16384 x 1024
+GLUE_O_B_LAUNCHES = {"forward": 3, "backward": 8}
 HBM_EFFICIENCY = 0.7
 LAUNCH_S = 3e-6
 HEADLINE_B = 16384

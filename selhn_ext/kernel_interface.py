@@ -47,7 +47,10 @@ backward is skipped and its gradients are ``gate_free_dense_grads``: zeros, or N
 backend whose ``sparse_and_diagonal_backward`` takes None). A backend may fuse any of these into
 its own kernels; a fused ``finalize_both`` must reproduce :func:`finalize` exactly (every
 decision, every bit), which stays the one definition of the gate, and the tests compare
-the two.
+the two. When the statistics go straight from ``partials`` to ``finalize_forward`` (one
+process: nothing merges the columns in between) the pipeline calls
+``partials_for_finalize`` instead, which may leave the maxima packed
+(:class:`PackedStats`) for the backend's own finalize to decode.
 """
 
 from __future__ import annotations
@@ -123,10 +126,23 @@ class DirectionStats(NamedTuple):
     active: Tensor  # int32
 
 
+class PackedStats(NamedTuple):
+    """DirectionStats whose max and arg are still packed in ``key`` (the backend's own
+    layout): ``Backend.partials_for_finalize`` may return them when the statistics go
+    straight to the same backend's ``finalize_forward``, which decodes the keys into
+    ``max`` and ``arg`` (allocated, written then) in its own launch."""
+
+    max: Tensor
+    arg: Tensor
+    hinge_sum: Tensor
+    active: Tensor
+    key: Tensor  # int64
+
+
 class AnchorSide(NamedTuple):
     """What the finalize step reads of one direction's anchors."""
 
-    stats: DirectionStats  # merged over every negative
+    stats: DirectionStats | PackedStats  # merged over every negative
     positive: Tensor  # d of these anchors, compute dtype
     # n, the number of valid negatives of each anchor (int64); None without ids, when
     # every anchor has N - 1 (N the number of columns, ``col.positive``'s length).
@@ -324,6 +340,10 @@ class Backend(Protocol):
         self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
     ) -> tuple[DirectionStats, DirectionStats]: ...
 
+    def partials_for_finalize(
+        self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
+    ) -> tuple[DirectionStats | PackedStats, DirectionStats | PackedStats]: ...
+
     def finalize_both(
         self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
     ) -> tuple[AnchorDecisions, AnchorDecisions]: ...
@@ -372,9 +392,18 @@ class PyTorchGlue:
     def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor:
         return positive_scores(img, txt)
 
+    def partials_for_finalize(
+        self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
+    ) -> tuple[DirectionStats | PackedStats, DirectionStats | PackedStats]:
+        """partials, for statistics that go straight to this backend's finalize_forward
+        (nothing merges them first): a backend may return PackedStats."""
+        return self.partials(block, margin, deterministic=deterministic, allow_tf32=allow_tf32)
+
     def finalize_both(
         self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
     ) -> tuple[AnchorDecisions, AnchorDecisions]:
+        if isinstance(row.stats, PackedStats) or isinstance(col.stats, PackedStats):
+            raise TypeError("PackedStats go to the finalize of the backend that packed them")
         n_cols = col.positive.shape[0]
 
         def negatives(side: AnchorSide) -> Tensor:

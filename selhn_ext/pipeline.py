@@ -150,11 +150,12 @@ def forward(
         if ids_all is not None:
             n_all = count_negatives(ids_all, exchange.total, img.device)
         block = Block(img, cols, d_all, exchange.offset, ids, ids_all)
-        row_stats, col_partial = backend.partials(
-            block, settings.margin, deterministic=settings.deterministic,
-            allow_tf32=settings.allow_tf32,
-        )  # fmt: skip
-        col_stats = exchange.merge_columns(col_partial)
+        flags = dict(deterministic=settings.deterministic, allow_tf32=settings.allow_tf32)
+        if isinstance(exchange, OneProcess):  # nothing between partials and finalize
+            row_stats, col_stats = backend.partials_for_finalize(block, settings.margin, **flags)
+        else:
+            row_stats, col_partial = backend.partials(block, settings.margin, **flags)
+            col_stats = exchange.merge_columns(col_partial)
         mine = slice(exchange.offset, exchange.offset + exchange.local)
         pairs, row, col = backend.finalize_forward(
             AnchorSide(row_stats, d_local, None if n_all is None else n_all[mine]),

@@ -38,14 +38,15 @@ def test_specialization_list_covers_the_dispatch():
     # precisions, pointer loads for fp32 ieee); its exact fix-up: 4 precisions x ids;
     # backward: 4 precisions x (ids x weights + products); the two compaction kernels;
     # the glue: 3 dtypes x (positive scores + gradients with and without dense terms),
-    # finalize for 4 modes x with and without negative counts, keys, buffers, decoding.
-    glue = 3 * (1 + 2) + 4 * 2 + 3
+    # finalize for 4 modes x with and without negative counts x packed maxima or not,
+    # keys, buffers, decoding.
+    glue = 3 * (1 + 2) + 4 * 2 * 2 + 3
     assert len(labels) == 2 * 2 * (3 * 2 + 1) + 4 * 2 + 4 * (2 + 1) + 2 + glue
     for needle in ("torch.bfloat16 ieee", "torch.float16 ieee", "torch.float32 ieee",
                    "torch.float32 tf32", "ids=True", "deterministic=True", "tma=True",
                    "exact_fixup torch.bfloat16", "count_kernel",
                    "compact_kernel", "weights torch.bfloat16",
-                   "products torch.float16 ieee", "glue finalize selhn",
+                   "products torch.float16 ieee", "glue finalize selhn", "packed=True",
                    "glue gradients bf16", "glue positive fp16"):  # fmt: skip
         assert any(needle in label for label in labels), needle
 

@@ -22,6 +22,7 @@ from selhn_ext.kernel_interface import (  # noqa: E402
     Block,
     DirectionStats,
     PyTorchGlue,
+    count_negatives,
     finalize,
 )
 
@@ -90,6 +91,51 @@ def test_finalize_forward_pairs(row_offset):
     for w_part, g_part in zip(want, got, strict=False):
         for name, w, g in zip(w_part._fields, w_part, g_part, strict=False):
             assert torch.equal(bits(g), bits(w)), name
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_packed_statistics_decode_in_finalize(with_ids):
+    """partials_for_finalize leaves the maxima packed; finalize_forward decodes them in
+    its own launch into the same bits as partials' decode, and decides the same; the
+    PyTorch fallback's decode (glue.unpacked) gives the same statistics too."""
+    from selhn_ext._triton import glue
+    from selhn_ext.kernel_interface import PackedStats
+
+    gen = torch.Generator().manual_seed(11)
+    b, n_cols, dim, offset = 45, 90, 24, 30
+    cols = torch.randn(n_cols, dim, generator=gen)
+    cols[offset + 3] = cols[offset + 5]  # a tie for the hardest negative
+    cols[7, 2] = float("nan")  # the exact fix-up's anchors
+    cols[8, 1] = float("inf")
+    rows = (cols[offset : offset + b] + 0.5 * torch.randn(b, dim, generator=gen)).contiguous()
+    d = (rows * cols[offset : offset + b]).sum(1)
+    d = torch.cat([torch.randn(offset, generator=gen), d, torch.randn(n_cols - offset - b)])
+    ids = torch.randint(0, 30, (n_cols,), generator=gen) if with_ids else None
+    block = Block(rows, cols, d, offset, None if ids is None else ids[offset : offset + b], ids)
+    backend = TritonBackend()
+    decoded = backend.partials(block, MARGIN)
+    packed = backend.partials_for_finalize(block, MARGIN)
+    assert all(isinstance(p, PackedStats) for p in packed)
+    negatives = count_negatives(ids, n_cols, rows.device) if with_ids else None
+
+    def sides(stats):
+        mine = slice(offset, offset + b)
+        n_rows = None if negatives is None else negatives[mine]
+        return AnchorSide(stats[0], d[mine], n_rows), AnchorSide(stats[1], d, negatives)
+
+    for s_got, s_want in zip(glue.unpacked(*sides(packed)), sides(decoded), strict=True):
+        for g, w in zip(s_got.stats, s_want.stats, strict=True):
+            assert torch.equal(bits(g), bits(w))
+    want = backend.finalize_forward(*sides(decoded), MARGIN, EPS, "selhn", offset)
+    got = backend.finalize_forward(*sides(packed), MARGIN, EPS, "selhn", offset)
+    for w_part, g_part in zip(want, got, strict=True):
+        for name, w, g in zip(w_part._fields, w_part, g_part, strict=True):
+            assert torch.equal(bits(g), bits(w)), name
+    for p, w in zip(packed, decoded, strict=True):  # written by the finalize launch
+        assert torch.equal(bits(p.max), bits(w.max)) and torch.equal(p.arg, w.arg)
+    # The cases the test is about do occur: NaN maxima and anchors with no hardest.
+    assert decoded[0].max.isnan().any() and decoded[1].max.isnan().any()
+    assert (decoded[1].arg >= 0).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -207,7 +253,7 @@ def glue_counter(big: int):
 
     patch = stack.enter_context(pytest.MonkeyPatch.context())
     patch.setattr(interpreter.InterpretedFunction, "run", counted_run)
-    for name in ("partials", "dense_backward"):
+    for name in ("partials", "partials_for_finalize", "dense_backward"):
         original = getattr(TritonBackend, name)  # a function either way
 
         def paused(*args, _original=original, **kwargs):
@@ -256,18 +302,21 @@ def test_glue_launches_and_allocations(dtype, with_ids, mode):
     fwd, bwd, out, grads = run_pipeline(img, txt, ids, mode, upstream)
     what = {name: (c.ops, c.triton, c.launcher_ops, c.launcher_triton) for name, c in
             (("forward", fwd), ("backward", bwd))}  # fmt: skip
-    # Forward: positive scores, the forward kernels' buffers, their keys decoded, and
-    # finalize of both directions, one launch each, and no fp32 copy of an input; with
-    # ids the negative counts add a sort, two binary searches and two differences.
+    # Forward: positive scores, the forward kernels' buffers, and finalize of both
+    # directions (decoding the packed maxima), one launch each, and no fp32 copy of an
+    # input; with ids the negative counts add a sort, two binary searches and two
+    # differences.
     assert fwd.triton == Counter(positive_kernel=1, finalize_kernel=1), what
-    assert set(fwd.launcher_triton) == BXB_FORWARD | {"partials_init_kernel", "decode_keys_kernel"}
-    assert glue_launches(fwd) == (4 + 5 * with_ids), what
+    assert fwd.launcher_triton == Counter(dict.fromkeys(BXB_FORWARD, 1), partials_init_kernel=1)
+    assert not fwd.launcher_ops, what
+    assert glue_launches(fwd) == (3 + 5 * with_ids), what
     assert not fwd.big_fp32, fwd.big_fp32
     if mode == "hardest":
         # No anchor can be gated: no dense backward, three launches in all, and no fp32
         # B x D tensor unless the gradients themselves are fp32.
         assert bwd.triton == Counter(hard_keys_kernel=1, gradients_kernel=1), what
         assert bwd.ops == Counter(sort=1) and not bwd.launcher_triton, what
+        assert not bwd.launcher_ops and glue_launches(bwd) == 3, what
         fp32_outputs = 2 if dtype == torch.float32 else 0
         assert len(bwd.big_fp32) == fp32_outputs, bwd.big_fp32
     else:
@@ -275,14 +324,17 @@ def test_glue_launches_and_allocations(dtype, with_ids, mode):
         # fp32 B x D tensors are the dense backward's accumulators only (see glue.py).
         assert bwd.triton == Counter(hard_keys_kernel=1, gradients_kernel=1), what
         assert bwd.ops == Counter(mul=2, sort=1), what
+        # Inside the dense backward's launcher: its accumulators' zero fills (it cannot
+        # know on the host whether an anchor is gated without a synchronisation).
+        assert bwd.launcher_ops == Counter(zeros=3) and glue_launches(bwd) == 8, what
         assert all(inside for _, _, inside in bwd.big_fp32 if dtype != torch.float32)
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
     # The glue's result: the PyTorch glue on the same forward gives the same gradients
     # up to fp32 summation order and one rounding.
     reference = PyTorchGlue()
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("positive_scores", "finalize_both", "finalize_forward",
-                     "sparse_and_diagonal_backward"):  # fmt: skip
+        for name in ("positive_scores", "partials_for_finalize", "finalize_both",
+                     "finalize_forward", "sparse_and_diagonal_backward"):  # fmt: skip
             patch.setattr(TritonBackend, name, getattr(reference, name).__func__)
         _, _, out_ref, grads_ref = run_pipeline(img, txt, ids, mode, upstream)
     for got, want in zip(grads, grads_ref, strict=True):

@@ -173,14 +173,16 @@ def glue_specializations():
             yield f"glue gradients {name} dense={has_dense}", fn, glue_types(fn, pointers), \
                 constexprs, 4, 1  # fmt: skip
     ints = {"row_arg_ptr": "*i64", "col_arg_ptr": "*i64", "row_n_ptr": "*i64",
-            "col_n_ptr": "*i64", "pair_arg_ptr": "*i64"}  # fmt: skip
+            "col_n_ptr": "*i64", "pair_arg_ptr": "*i64", "row_key_ptr": "*i64",
+            "col_key_ptr": "*i64"}  # fmt: skip
     flags = {f"{side}_{what}_ptr": "*i1" for side in ("row", "col", "pair")
              for what in ("gated", "near")}  # fmt: skip
     fn = fns.finalize_kernel
-    for mode, has_n in product(("selhn", "hardest", "all", "sum_hinges"), (False, True)):
-        yield f"glue finalize {mode} n={has_n}", fn, \
+    modes = ("selhn", "hardest", "all", "sum_hinges")
+    for mode, has_n, packed in product(modes, (False, True), (False, True)):
+        yield f"glue finalize {mode} n={has_n} packed={packed}", fn, \
             glue_types(fn, {**ints, **flags}, ("margin", "eps")), \
-            dict(HAS_N=has_n, MODE=mode, BLOCK=FINALIZE_BLOCK), 4, 1  # fmt: skip
+            dict(HAS_N=has_n, MODE=mode, PACKED=packed, BLOCK=FINALIZE_BLOCK), 4, 1  # fmt: skip
     fn = fns.hard_keys_kernel
     yield "glue hard_keys", fn, glue_types(fn, {"row_arg_ptr": "*i64", "col_arg_ptr": "*i64",
                                                 "keys_ptr": "*i64"}), \

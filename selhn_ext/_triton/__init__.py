@@ -12,7 +12,8 @@
                           gradients written in the input dtype)
     glue.py               their launchers
 
-``TritonBackend(variant)`` implements ``partials`` and ``dense_backward`` of
+``TritonBackend(variant)`` implements ``partials`` (``partials_for_finalize``: the maxima
+left packed for the finalize kernel to decode) and ``dense_backward`` of
 ``kernel_interface.py`` and replaces the PyTorch glue with glue.py's kernels; the variant
 names the dense backward (``backward.VARIANTS``, one so far: ``panels``), chosen by
 dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing`` holds the test-only switches
@@ -30,6 +31,7 @@ from ..kernel_interface import (
     AnchorWeights,
     Block,
     GatedAnchors,
+    PackedStats,
     PairedResults,
     PyTorchGlue,
 )
@@ -50,6 +52,14 @@ class TritonBackend(PyTorchGlue):
 
     partials = staticmethod(partials)
 
+    def partials_for_finalize(
+        self, block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
+    ) -> tuple[PackedStats, PackedStats]:
+        """partials with the maxima left packed: finalize_forward decodes them."""
+        return partials(
+            block, margin, deterministic=deterministic, allow_tf32=allow_tf32, packed=True
+        )
+
     def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor:
         if not glue.fusable(img, txt):
             return super().positive_scores(img, txt)
@@ -59,7 +69,7 @@ class TritonBackend(PyTorchGlue):
         self, row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str
     ) -> tuple[AnchorDecisions, AnchorDecisions]:
         if not glue.finalize_inputs_fusable(row, col):
-            return super().finalize_both(row, col, margin, eps, mode)
+            return super().finalize_both(*glue.unpacked(row, col), margin, eps, mode)
         _, row_dec, col_dec = glue.finalize_forward(row, col, margin, eps, mode, 0)
         return row_dec, col_dec
 
@@ -73,7 +83,7 @@ class TritonBackend(PyTorchGlue):
         row_offset: int,
     ) -> tuple[PairedResults, AnchorDecisions, AnchorDecisions]:
         if not glue.finalize_inputs_fusable(row, col):
-            return super().finalize_forward(row, col, margin, eps, mode, row_offset)
+            return super().finalize_forward(*glue.unpacked(row, col), margin, eps, mode, row_offset)
         return glue.finalize_forward(row, col, margin, eps, mode, row_offset)
 
     def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:

@@ -10,7 +10,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..kernel_interface import Block, DirectionStats
+from ..kernel_interface import Block, DirectionStats, PackedStats
 from . import glue
 from .config import (
     FORWARD_CPU_PROGRAMS,
@@ -58,8 +58,15 @@ def program_split(tiles: int, masked: int, device: torch.device) -> tuple[int, i
 
 
 def partials(
-    block: Block, margin: float, *, deterministic: bool = False, allow_tf32: bool = False
-) -> tuple[DirectionStats, DirectionStats]:
+    block: Block,
+    margin: float,
+    *,
+    deterministic: bool = False,
+    allow_tf32: bool = False,
+    packed: bool = False,
+) -> tuple[DirectionStats, DirectionStats] | tuple[PackedStats, PackedStats]:
+    """The statistics of both directions; ``packed``: the maxima left in their packed keys
+    (PackedStats) for glue.finalize_forward to decode, one launch fewer."""
     check_block(block)
     rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
     row_ids, col_ids = block.row_ids, block.col_ids
@@ -114,7 +121,12 @@ def partials(
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             float(margin), row_blocks, col_blocks, **common,
         )  # fmt: skip
-    row_max, row_arg, col_max, col_arg = glue.decode_keys(row_key[:b], col_key[:n_cols])
+    row_key, col_key = row_key[:b], col_key[:n_cols]
+    if packed:
+        return glue.packed_stats(row_key, row_sum[:b], row_cnt[:b]), glue.packed_stats(
+            col_key, col_sum[:n_cols], col_cnt[:n_cols]
+        )
+    row_max, row_arg, col_max, col_arg = glue.decode_keys(row_key, col_key)
     return (
         DirectionStats(row_max, row_arg, row_sum[:b], row_cnt[:b]),
         DirectionStats(col_max, col_arg, col_sum[:n_cols], col_cnt[:n_cols]),

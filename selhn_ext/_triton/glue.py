@@ -5,8 +5,10 @@ Launches (no host sync, no fp32 copy of an input):
 
     positive_scores                 positive_kernel                          1
     partials (forward.py)           partials_init_kernel before the forward
-                                    kernels, decode_keys_kernel after them   2
-    finalize_both / finalize_forward  finalize_kernel (both directions)      1
+                                    kernels, decode_keys_kernel after them
+                                    unless the keys stay packed              1 or 2
+    finalize_both / finalize_forward  finalize_kernel (both directions; it
+                                    decodes packed keys itself)              1
     sparse_and_diagonal_backward    hard_keys_kernel, a stable torch.sort,
                                     gradients_kernel                         3
 
@@ -29,6 +31,8 @@ from ..kernel_interface import (
     AnchorSide,
     AnchorWeights,
     Block,
+    DirectionStats,
+    PackedStats,
     PairedResults,
 )
 from .glue_kernels import (
@@ -86,6 +90,29 @@ def partials_buffers(
     return out
 
 
+def packed_stats(key: Tensor, hinge_sum: Tensor, active: Tensor) -> PackedStats:
+    """Statistics whose max and arg finalize_forward decodes from ``key`` (allocated here)."""
+    n, device = key.shape[0], key.device
+    return PackedStats(
+        torch.empty(n, dtype=torch.float32, device=device),
+        torch.empty(n, dtype=torch.int64, device=device),
+        hinge_sum, active, key,
+    )  # fmt: skip
+
+
+def unpacked(row: AnchorSide, col: AnchorSide) -> tuple[AnchorSide, AnchorSide]:
+    """Both sides with their statistics decoded (for the PyTorch finalize), one launch."""
+    if not isinstance(row.stats, PackedStats):
+        return row, col
+    row_max, row_arg, col_max, col_arg = decode_keys(row.stats.key, col.stats.key)
+
+    def decoded(side: AnchorSide, best: Tensor, arg: Tensor) -> AnchorSide:
+        stats = side.stats
+        return side._replace(stats=DirectionStats(best, arg, stats.hinge_sum, stats.active))
+
+    return decoded(row, row_max, row_arg), decoded(col, col_max, col_arg)
+
+
 def decode_keys(row_key: Tensor, col_key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row max, row arg, col max, col arg) of both directions' packed keys, one launch."""
     b, n_cols = row_key.shape[0], col_key.shape[0]
@@ -136,7 +163,8 @@ def finalize_forward(
     row: AnchorSide, col: AnchorSide, margin: float, eps: float, mode: str, row_offset: int
 ) -> tuple[PairedResults, AnchorDecisions, AnchorDecisions]:
     """kernel_interface.finalize of both directions in one launch, bit for bit, and the
-    (2, b) pair results of these rows (see PyTorchGlue.finalize_forward)."""
+    (2, b) pair results of these rows (see PyTorchGlue.finalize_forward). PackedStats
+    (both sides or neither) are decoded into their max and arg by the same launch."""
     _check_mode(mode)
     b, n_cols = row.positive.shape[0], col.positive.shape[0]
     device = row.positive.device
@@ -148,11 +176,16 @@ def finalize_forward(
         for dtype in (torch.float32, torch.float32, torch.bool, torch.bool, torch.int64)
     ]
     has_n = row.negatives is not None
+    packed = isinstance(row.stats, PackedStats)
+    if packed != isinstance(col.stats, PackedStats):
+        raise ValueError("finalize_forward takes both directions packed or neither")
 
     def inputs(side: AnchorSide) -> list[Tensor]:  # the kernel reads unit-stride vectors
-        n = side.negatives if has_n else side.stats.arg
         stats = side.stats
-        return [t.contiguous() for t in (stats.max, stats.arg, stats.hinge_sum, side.positive, n)]
+        n = side.negatives if has_n else stats.arg
+        key = stats.key if packed else stats.arg  # (a placeholder when not packed)
+        vectors = (key, stats.max, stats.arg, stats.hinge_sum, side.positive, n)
+        return [t.contiguous() for t in vectors]
 
     blocks = triton.cdiv(b, FINALIZE_BLOCK) + triton.cdiv(n_cols, FINALIZE_BLOCK)
     if blocks:
@@ -160,7 +193,7 @@ def finalize_forward(
             *inputs(row), *inputs(col),
             *row_out, *col_out, *pair_out,
             b, n_cols, row_offset, float(margin), float(eps),
-            HAS_N=has_n, MODE=mode, BLOCK=FINALIZE_BLOCK,
+            HAS_N=has_n, MODE=mode, PACKED=packed, BLOCK=FINALIZE_BLOCK,
             enable_fp_fusion=False,  # torch rounds every product and sum on its own
         )  # fmt: skip
     loss, gap, gated, near_tie, arg = pair_out

@@ -2,7 +2,8 @@
 launches them).
 
     positive_kernel     d_i = <img_i, txt_i>: 16-bit rows read as they are, fp32 sums
-    finalize_kernel     kernel_interface.finalize of both directions, op for op
+    finalize_kernel     kernel_interface.finalize of both directions, op for op, decoding
+                        the forward kernels' packed keys first when given them
     hard_keys_kernel    the sort keys that group the hardest-negative pairs by target
     gradients_kernel    one output row per program: the dense gradient (if any), the
                         hardest-negative pairs and the diagonal, stored in the output dtype
@@ -52,14 +53,18 @@ def positive_kernel(
 
 @triton.jit
 def _finalize_side(
-    pos, ok, max_ptr, arg_ptr, sum_ptr, d_ptr, n_ptr, N, margin, eps, out_ptrs,
-    HAS_N: tl.constexpr, MODE: tl.constexpr,
+    pos, ok, key_ptr, max_ptr, arg_ptr, sum_ptr, d_ptr, n_ptr, N, margin, eps, out_ptrs,
+    HAS_N: tl.constexpr, MODE: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """kernel_interface.finalize for the anchors ``pos``, the same operations in the same
     order (so the same bits); outputs at ``pos`` of ``out_ptrs`` = (loss, gap,
-    dense_weight, hard_weight, gated, near_tie)."""
-    best = tl.load(max_ptr + pos, mask=ok, other=0.0)
-    arg = tl.load(arg_ptr + pos, mask=ok, other=-1)
+    dense_weight, hard_weight, gated, near_tie). PACKED: max and arg are first decoded
+    from the packed keys and stored (decode_keys_kernel's work, in this launch)."""
+    if PACKED:
+        best, arg = _decode(key_ptr, max_ptr, arg_ptr, pos, ok)
+    else:
+        best = tl.load(max_ptr + pos, mask=ok, other=0.0)
+        arg = tl.load(arg_ptr + pos, mask=ok, other=-1)
     hinge_sum = tl.load(sum_ptr + pos, mask=ok, other=0.0)
     d = tl.load(d_ptr + pos, mask=ok, other=0.0)
     if HAS_N:
@@ -99,27 +104,28 @@ def _finalize_side(
 
 @triton.jit
 def finalize_kernel(
-    row_max_ptr, row_arg_ptr, row_sum_ptr, row_d_ptr, row_n_ptr,
-    col_max_ptr, col_arg_ptr, col_sum_ptr, col_d_ptr, col_n_ptr,
+    row_key_ptr, row_max_ptr, row_arg_ptr, row_sum_ptr, row_d_ptr, row_n_ptr,
+    col_key_ptr, col_max_ptr, col_arg_ptr, col_sum_ptr, col_d_ptr, col_n_ptr,
     row_loss_ptr, row_gap_ptr, row_dense_ptr, row_hard_ptr, row_gated_ptr, row_near_ptr,
     col_loss_ptr, col_gap_ptr, col_dense_ptr, col_hard_ptr, col_gated_ptr, col_near_ptr,
     pair_loss_ptr, pair_gap_ptr, pair_gated_ptr, pair_near_ptr, pair_arg_ptr,
     b, N, row_offset, margin, eps, HAS_N: tl.constexpr, MODE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, cdiv(b, BLOCK)) finalize rows, the others columns (outputs per side
-    in _finalize_side). The (2, b) pair results (row 0 the rows, row 1 the columns
-    ``row_offset + i``) are written as well. Every output is its own tensor (the loss
-    op's outputs may not alias one another)."""
+    in _finalize_side; with PACKED the max and arg vectors are outputs too). The (2, b)
+    pair results (row 0 the rows, row 1 the columns ``row_offset + i``) are written as
+    well. Every output is its own tensor (the loss op's outputs may not alias one
+    another)."""
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(b, BLOCK)
     if pid < row_blocks:
         pos = pid * BLOCK + tl.arange(0, BLOCK)
         ok = pos < b
         loss, gated, near_tie, gap, arg = _finalize_side(
-            pos, ok, row_max_ptr, row_arg_ptr, row_sum_ptr, row_d_ptr, row_n_ptr, N, margin,
-            eps, (row_loss_ptr, row_gap_ptr, row_dense_ptr, row_hard_ptr, row_gated_ptr,
-                  row_near_ptr), HAS_N, MODE,
+            pos, ok, row_key_ptr, row_max_ptr, row_arg_ptr, row_sum_ptr, row_d_ptr, row_n_ptr,
+            N, margin, eps, (row_loss_ptr, row_gap_ptr, row_dense_ptr, row_hard_ptr,
+                             row_gated_ptr, row_near_ptr), HAS_N, MODE, PACKED,
         )  # fmt: skip
         pair = pos
         pair_ok = ok
@@ -128,9 +134,9 @@ def finalize_kernel(
         pos = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
         ok = pos < N
         loss, gated, near_tie, gap, arg = _finalize_side(
-            pos, ok, col_max_ptr, col_arg_ptr, col_sum_ptr, col_d_ptr, col_n_ptr, N, margin,
-            eps, (col_loss_ptr, col_gap_ptr, col_dense_ptr, col_hard_ptr, col_gated_ptr,
-                  col_near_ptr), HAS_N, MODE,
+            pos, ok, col_key_ptr, col_max_ptr, col_arg_ptr, col_sum_ptr, col_d_ptr, col_n_ptr,
+            N, margin, eps, (col_loss_ptr, col_gap_ptr, col_dense_ptr, col_hard_ptr,
+                             col_gated_ptr, col_near_ptr), HAS_N, MODE, PACKED,
         )  # fmt: skip
         pair = pos - row_offset
         pair_ok = ok & (pair >= 0) & (pair < b)
@@ -324,7 +330,8 @@ def partials_init_kernel(
 
 @triton.jit
 def _decode(key_ptr, max_ptr, arg_ptr, pos, ok):
-    """(max, arg) from the packed keys (tile.py's layout); NO_KEY: -inf and -1."""
+    """(max, arg) from the packed keys (tile.py's layout), stored and returned; NO_KEY:
+    -inf and -1."""
     key = tl.load(key_ptr + pos, mask=ok, other=-9223372036854775808)
     none = key == -9223372036854775808
     high = (key >> 32).to(tl.int32)
@@ -334,6 +341,7 @@ def _decode(key_ptr, max_ptr, arg_ptr, pos, ok):
     arg = tl.where(none, -1, low - (key & low))
     tl.store(max_ptr + pos, best, mask=ok)
     tl.store(arg_ptr + pos, arg, mask=ok)
+    return best, arg
 
 
 @triton.jit
