@@ -60,6 +60,9 @@ MEM = "tests/test_memory.py"
 CUDA_TESTS = "tests/test_cuda_kernel.py"
 
 # The tile fold's "candidate beats the lane's best" mask (csrc/selhn_fold_simd.h).
+# The line after TILE_BETTER's update of ``best`` tells the row fold from the column fold.
+ROW_BEST_POS = "      best_pos = F::iselect(better, F::iadd(F::iota(),"
+COL_BEST_POS = "      best_pos = F::iselect(better, F::iset1(static_cast<int32_t>(i)), best_pos);"
 TILE_BETTER = (
     "      const M better = F::and_(valid, F::or_(F::or_(F::negative(best_pos), "
     "F::gt(v, best)),\n"
@@ -71,18 +74,18 @@ MUTANTS = [
     Mutant(
         "nan-row-max-cpp",
         "csrc/selhn_fold_simd.h",
-        TILE_BETTER + "      best = F::select(better, v, best);",
+        TILE_BETTER + "      best = F::select(better, v, best);\n" + ROW_BEST_POS,
         "      const M better = F::and_(valid, F::or_(F::negative(best_pos), F::gt(v, best)));\n"
-        "      best = F::select(better, v, best);",
+        "      best = F::select(better, v, best);\n" + ROW_BEST_POS,
         ((EXACT, "-k", "cpu and nan"), (CPU, "-k", "nan"), (API, "-k", "nan and cpu")),
         "the row-direction tile max ignores a NaN met after a finite value",
     ),
     Mutant(
         "nan-col-max-cpp",
         "csrc/selhn_fold_simd.h",
-        TILE_BETTER + "      F::store(col->best_value + j, F::select(better, v, best));",
+        TILE_BETTER + "      best = F::select(better, v, best);\n" + COL_BEST_POS,
         "      const M better = F::and_(valid, F::or_(F::negative(best_pos), F::gt(v, best)));\n"
-        "      F::store(col->best_value + j, F::select(better, v, best));",
+        "      best = F::select(better, v, best);\n" + COL_BEST_POS,
         ((EXACT, "-k", "cpu and nan"), (CPU, "-k", "nan")),
         "the column-direction tile max ignores a NaN met after a finite value",
     ),
@@ -124,8 +127,9 @@ MUTANTS = [
     Mutant(
         "zero-16bit-gated-grad-cpp",
         "csrc/selhn_cpu.cpp",
-        "  grad_cols.index_copy_(0, col_order, grad_cols_p);\n  return {grad_rows, grad_cols};",
-        "  grad_cols.index_copy_(0, col_order, grad_cols_p);\n"
+        "  if (!cols_in_order) grad_cols.index_copy_(0, col_order, grad_cols_p);\n"
+        "  return {grad_rows, grad_cols};",
+        "  if (!cols_in_order) grad_cols.index_copy_(0, col_order, grad_cols_p);\n"
         "  if (rows.scalar_type() == at::kHalf || rows.scalar_type() == at::kBFloat16) {\n"
         "    grad_rows.zero_();\n    grad_cols.zero_();\n  }\n  return {grad_rows, grad_cols};",
         ((EXACT, "-k", "cpu and gradients"), (API, "-k", "16bit and cpu"), (CPU,)),
