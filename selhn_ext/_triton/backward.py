@@ -12,6 +12,11 @@ Launches, all on one stream and none sized by a device-side count (no host sync)
 whose programs claim work items until the device-side count of items is spent, so a
 launch costs in proportion to the gated anchors of its panel; a step past the gated
 anchors of both sides has no item and returns at once.
+
+The two fp32 gradients are allocated without a fill: each element's first term is stored
+(backward_kernels.py, "First writes"). ``dense_backward_for_sparse`` returns them as
+written (DenseAccumulators, for glue.py's gradients kernel, which reads only the rows
+written); ``dense_backward`` zeroes the rest (two masked fills) for the kernel interface.
 """
 
 from __future__ import annotations
