@@ -251,8 +251,6 @@ def sparse_and_diagonal_backward(
             row_hw, row_arg, col_hw, col_arg, keys, b, n_cols, row_offset, BLOCK=KEYS_BLOCK
         )
     keys, order = torch.sort(keys, stable=True)
-    out_rows = torch.empty(b, dim, dtype=out_dtypes[0], device=device)
-    out_cols = torch.empty(n_cols, dim, dtype=out_dtypes[1], device=device)
     has_dense = dense_grads is not None
     # Accumulators as the dense backward left them: rows read only where written.
     where_written = isinstance(dense_grads, DenseAccumulators)
@@ -260,6 +258,16 @@ def sparse_and_diagonal_backward(
     if has_dense:
         dense_rows, dense_cols = dense_rows.contiguous(), dense_cols.contiguous()
     written = dense_grads[2:] if where_written else (keys, keys, keys)
+
+    def output(n: int, dtype: torch.dtype, accumulator: Tensor) -> Tensor:
+        # An fp32 output overwrites the dense backward's own accumulator (each program
+        # reads its part of a row before it stores it): one fp32 B x D tensor fewer.
+        if where_written and dtype == torch.float32:
+            return accumulator
+        return torch.empty(n, dim, dtype=dtype, device=device)
+
+    out_rows = output(b, out_dtypes[0], dense_rows)
+    out_cols = output(n_cols, out_dtypes[1], dense_cols)
     block_d = min(triton.next_power_of_2(max(dim, 1)), GRADIENT_BLOCK_D)
     if sources and dim:
         gradients_kernel[(sources, triton.cdiv(dim, block_d))](
