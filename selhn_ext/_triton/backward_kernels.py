@@ -34,7 +34,8 @@ gradient row is written iff (rows) it is gated or some column is, (columns) some
 gated, or it is gated and some row is not; the rest is never written and must not be
 read (``written_or_zero`` in backward.py, ``_dense_term`` in glue_kernels.py).
 
-``scale`` is the largest finite |coefficient| of a gated anchor: with uniform coefficients
+``scale`` is the largest finite |coefficient| of a gated anchor (raised to the smallest
+normal fp32 when that is subnormal, so that 1 / scale is finite): with uniform coefficients
 (mean reduction, no ids) W / scale is 0, 1 or 2, exact in every dtype; otherwise each
 entry is rounded once to the input dtype (relative 2**-9 for bfloat16, 2**-12 for
 float16), and the products accumulate in fp32.
@@ -57,6 +58,7 @@ GATED_COLS = tl.constexpr(1)
 SCALE_BITS = tl.constexpr(2)  # fp32 bits of the scale (0 until the compaction sets it)
 TICKETS = tl.constexpr(4)  # state[TICKETS + launch]: the next work item of each launch
 SPLIT_MAX = tl.constexpr(8)  # at most this many K splits of a gated-side product tile
+SMALLEST_NORMAL = tl.constexpr(2.0**-126)  # fp32
 
 
 @triton.jit
@@ -151,7 +153,9 @@ def compact_kernel(
         bits = tl.load(blocks_ptr + blocks + at, mask=at < blocks, other=0)
         largest = tl.maximum(largest, tl.max(bits, axis=0))
     scale = largest.to(tl.float32, bitcast=True)
-    scale = tl.where(scale > 0.0, scale, 1.0)
+    # At least the smallest normal float, so 1 / scale (the products' rescaling) is finite
+    # when every gated coefficient is subnormal.
+    scale = tl.where(scale > 0.0, tl.maximum(scale, SMALLEST_NORMAL), 1.0)
     pos = block * BLOCK + offs
     ok = pos < n
     flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
