@@ -44,7 +44,10 @@ the (2, b) results of the block's own pairs) and
 ``sparse_and_diagonal_backward`` (the hardest-negative pairs and the diagonal, and the
 cast to the gradients' dtypes; in mode "hardest", which gates no anchor, the dense
 backward is skipped and its gradients are ``gate_free_dense_grads``: zeros, or None for a
-backend whose ``sparse_and_diagonal_backward`` takes None). A backend may fuse any of these into
+backend whose ``sparse_and_diagonal_backward`` takes None). The pipeline calls
+``dense_backward_for_sparse`` (the coefficients as :class:`GatedFactors`), which may
+return the dense gradients in the backend's own form for its own
+``sparse_and_diagonal_backward``. A backend may fuse any of these into
 its own kernels; a fused ``finalize_both`` must reproduce :func:`finalize` exactly (every
 decision, every bit), which stays the one definition of the gate, and the tests compare
 the two. When the statistics go straight from ``partials`` to ``finalize_forward`` (one
@@ -179,6 +182,24 @@ class GatedAnchors(NamedTuple):
     col_coef: Tensor  # (N,)
     row_gated: Tensor  # (b,) bool
     col_gated: Tensor  # (N,) bool
+
+
+class GatedFactors(NamedTuple):
+    """GatedAnchors with each coefficient still as its two factors (a backend may form
+    the products inside its own kernels)."""
+
+    row_upstream: Tensor  # (b,) compute dtype
+    row_dense_weight: Tensor  # (b,)
+    col_upstream: Tensor  # (N,)
+    col_dense_weight: Tensor  # (N,)
+    row_gated: Tensor  # (b,) bool
+    col_gated: Tensor  # (N,) bool
+
+    def anchors(self) -> GatedAnchors:
+        """The coefficients multiplied out."""
+        row_coef = self.row_upstream * self.row_dense_weight
+        col_coef = self.col_upstream * self.col_dense_weight
+        return GatedAnchors(row_coef, col_coef, self.row_gated, self.col_gated)
 
 
 class AnchorWeights(NamedTuple):
@@ -368,6 +389,16 @@ class Backend(Protocol):
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]: ...
 
+    def dense_backward_for_sparse(
+        self,
+        block: Block,
+        margin: float,
+        gated: GatedFactors,
+        *,
+        deterministic: bool = False,
+        allow_tf32: bool = False,
+    ) -> tuple[Tensor, Tensor]: ...
+
     def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None: ...
 
     def sparse_and_diagonal_backward(
@@ -435,6 +466,21 @@ class PyTorchGlue:
               for n in PairedResults._fields)
         )  # fmt: skip
         return pairs, row_dec, col_dec
+
+    def dense_backward_for_sparse(
+        self,
+        block: Block,
+        margin: float,
+        gated: GatedFactors,
+        *,
+        deterministic: bool = False,
+        allow_tf32: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """dense_backward, for gradients that go straight to this backend's
+        sparse_and_diagonal_backward: a backend may return them in its own form."""
+        return self.dense_backward(  # type: ignore[attr-defined]
+            block, margin, gated.anchors(), deterministic=deterministic, allow_tf32=allow_tf32
+        )
 
     def gate_free_dense_grads(self, block: Block) -> tuple[Tensor, Tensor] | None:
         """The dense gradients when no anchor can be gated: zeros in the compute dtype."""

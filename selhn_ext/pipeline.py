@@ -27,7 +27,7 @@ from .kernel_interface import (
     Backend,
     Block,
     DirectionStats,
-    GatedAnchors,
+    GatedFactors,
     compute_dtype,
     count_negatives,
 )
@@ -198,9 +198,9 @@ def backward(
         if settings.mode == "hardest":  # no anchor is gated: no dense backward at all
             dense = backend.gate_free_dense_grads(block)
         else:
-            dense = backend.dense_backward(
+            dense = backend.dense_backward_for_sparse(
                 block, settings.margin,
-                GatedAnchors(row_up * saved.row_dense_weight, col_up * saved.col_dense_weight,
+                GatedFactors(row_up, saved.row_dense_weight, col_up, saved.col_dense_weight,
                              gated[0], saved.col_gated),
                 deterministic=settings.deterministic, allow_tf32=settings.allow_tf32,
             )  # fmt: skip

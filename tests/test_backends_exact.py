@@ -479,3 +479,33 @@ def coefficient_matrix(x, y, eps, mode, upstream):
     loss, _ = selhn_loss_reference(eye, s_t, eps=eps, mode=mode, reduction="none")
     (loss * upstream).sum().backward()
     return s_t.grad.T
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases([F32]))
+def test_subnormal_upstream_gives_finite_gradients(backend, dtype):
+    """An upstream gradient so small that every gated coefficient is subnormal (below
+    2**-126 in fp32): the gradients stay finite and equal the fp64 reference within the
+    relative tolerance plus the subnormal spacing (2**-149) of each of the 2 B rounded
+    terms an entry sums. The expected entries are about 2**-140, well above that
+    allowance, so an all-zero or NaN gradient fails."""
+    device = device_of(backend)
+    require_backend(backend, device, dtype)
+    img, txt, eps = clear_batch(dtype)
+    x64, y64 = img.double(), txt.double()
+    gen = torch.Generator().manual_seed(11)
+    upstream = (torch.rand(2, img.shape[0], generator=gen, dtype=F64) + 0.5) * 2.0**-135
+    _, stats, grad_img, grad_txt = run_backend(
+        backend, img.to(device), txt.to(device), eps=eps, mode="selhn", upstream=upstream
+    )
+    assert stats.gated.any(), "the case needs gated anchors"
+    ref_x, ref_y = x64.clone().requires_grad_(), y64.clone().requires_grad_()
+    ref, _ = selhn_loss_reference(ref_x, ref_y, eps=eps, mode="selhn", reduction="none")
+    (ref * upstream).sum().backward()
+    allowance = 2 * img.shape[0] * 2.0**-149
+    for got, want, name in ((grad_img, ref_x.grad, "img"), (grad_txt, ref_y.grad, "txt")):
+        got = got.detach().double().cpu()
+        assert torch.isfinite(got).all(), f"{backend} {name}.grad: non-finite entries"
+        assert want.abs().max() > 8 * allowance, "the case must be larger than its allowance"
+        err = (got - want).abs().max().item()
+        bound = 1e-5 * want.abs().max().item() + allowance
+        assert err <= bound, f"{backend} {name}.grad: error {err:.3g} > {bound:.3g}"

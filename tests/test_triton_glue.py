@@ -199,6 +199,78 @@ def test_gradients_match_the_pytorch_glue(dtype, row_offset):
         assert ((g.double() - w.double()).abs() <= ulp * size).all()
 
 
+# Gate patterns of test_accumulators_are_written_before_read: (gated rows, gated columns)
+# out of 150 rows and 170 columns; with panels of 128, 140 gated rows span two panels.
+GATE_PATTERNS = {
+    "none": (0, 0),
+    "rows only": (60, 0),
+    "columns only": (0, 70),
+    "every row": (150, 40),
+    "both, two panels": (140, 150),
+}
+
+
+@pytest.mark.parametrize("pattern", GATE_PATTERNS)
+def test_accumulators_are_written_before_read(pattern, monkeypatch):
+    """The dense backward's fp32 accumulators start uninitialised (here: NaN). Exactly
+    the rows that backward.written_or_zero calls written are written (the others still
+    hold the NaN fill, so the rule skips nothing the backward wrote), they equal the
+    float64 result, and the gradients kernel, reading only those rows, gives the bits of
+    the same kernel on zero-filled gradients. The coefficients multiplied in the
+    compaction give the bits of the products formed by torch."""
+    from selhn_ext._triton import backward, config
+    from selhn_ext.chunked import ChunkedBackend
+    from selhn_ext.kernel_interface import GatedAnchors, GatedFactors
+
+    def nan_filled(b, n_cols, dim, device):
+        full = [torch.full((n, dim), float("nan"), device=device) for n in (b, n_cols)]
+        return tuple(full)
+
+    monkeypatch.setattr(backward, "accumulators", nan_filled)
+    monkeypatch.setattr(config.testing, "panel_size", 128)
+    gen = torch.Generator().manual_seed(17)
+    b, n_cols, dim, row_offset = 150, 170, 24, 10
+    block, _, row, col = backward_case(torch.float32, row_offset, b, n_cols, dim, gen)
+    gated_rows, gated_cols = GATE_PATTERNS[pattern]
+    row_gated = torch.zeros(b, dtype=torch.bool)
+    row_gated[torch.randperm(b, generator=gen)[:gated_rows]] = True
+    col_gated = torch.zeros(n_cols, dtype=torch.bool)
+    col_gated[torch.randperm(n_cols, generator=gen)[:gated_cols]] = True
+    # Coefficients whose fp32 products round (upstream x a dense weight 1 / n).
+    factors = GatedFactors(
+        row.upstream, torch.where(row_gated, 1 / 169, 0.0),
+        col.upstream, torch.where(col_gated, 1 / 149, 0.0), row_gated, col_gated,
+    )  # fmt: skip
+    backend = TritonBackend()
+    acc = backend.dense_backward_for_sparse(block, MARGIN, factors)
+    gated_cols_exist, gated_rows_exist = gated_cols > 0, gated_rows > 0
+    row_written = row_gated | gated_cols_exist
+    col_written = gated_rows_exist | (col_gated & (gated_rows < b))
+    for grad, written in ((acc.rows, row_written), (acc.cols, col_written)):
+        assert not grad[written].isnan().any(), pattern
+        assert grad[~written].isnan().all(), pattern
+    full = backward.written_or_zero(acc._replace(rows=acc.rows.clone(), cols=acc.cols.clone()))
+    direct = backend.dense_backward(block, MARGIN, factors.anchors())
+    want = ChunkedBackend().dense_backward(
+        Block(block.rows.double(), block.cols.double(), block.col_pos, row_offset), MARGIN,
+        GatedAnchors(*(t.double() for t in factors.anchors()[:2]), row_gated, col_gated),
+    )  # fmt: skip
+    for got, same, w in zip(full, direct, want, strict=True):
+        assert torch.equal(got, same)  # the products in the kernel: the same bits
+        size = w.abs().amax(dim=1, keepdim=True) + 1
+        assert ((got.double() - w).abs() <= 2**-18 * size).all()
+    # The gradients kernel: skipping the rows not written == adding zeros.
+    out_dtypes = (torch.float32, torch.float32)
+    skipped = backend.sparse_and_diagonal_backward(
+        block, acc, row, col, deterministic=True, out_dtypes=out_dtypes
+    )
+    zeros_added = backend.sparse_and_diagonal_backward(
+        block, full, row, col, deterministic=True, out_dtypes=out_dtypes
+    )
+    for g, z in zip(skipped, zeros_added, strict=True):
+        assert torch.equal(g, z)
+
+
 # ---------------------------------------------------------------------------------------
 # Launches and allocations
 
@@ -253,7 +325,12 @@ def glue_counter(big: int):
 
     patch = stack.enter_context(pytest.MonkeyPatch.context())
     patch.setattr(interpreter.InterpretedFunction, "run", counted_run)
-    for name in ("partials", "partials_for_finalize", "dense_backward"):
+    for name in (
+        "partials",
+        "partials_for_finalize",
+        "dense_backward",
+        "dense_backward_for_sparse",
+    ):
         original = getattr(TritonBackend, name)  # a function either way
 
         def paused(*args, _original=original, **kwargs):
@@ -320,21 +397,32 @@ def test_glue_launches_and_allocations(dtype, with_ids, mode):
         fp32_outputs = 2 if dtype == torch.float32 else 0
         assert len(bwd.big_fp32) == fp32_outputs, bwd.big_fp32
     else:
-        # The glue: the gated coefficients (two products), keys, sort, gradients; the
-        # fp32 B x D tensors are the dense backward's accumulators only (see glue.py).
+        # The glue: keys, sort, gradients, as in mode hardest (the gated coefficients are
+        # multiplied in the compaction). Inside the dense backward's launcher nothing but
+        # its own kernels: count_kernel zeroes the compaction's state, and the fp32
+        # accumulators are allocated without a fill (each element is stored before it is
+        # read, and the gradients kernel reads only the rows written: see
+        # test_accumulators_are_written_before_read).
         assert bwd.triton == Counter(hard_keys_kernel=1, gradients_kernel=1), what
-        assert bwd.ops == Counter(mul=2, sort=1), what
-        # Inside the dense backward's launcher: its accumulators' zero fills (it cannot
-        # know on the host whether an anchor is gated without a synchronisation).
-        assert bwd.launcher_ops == Counter(zeros=3) and glue_launches(bwd) == 8, what
-        assert all(inside for _, _, inside in bwd.big_fp32 if dtype != torch.float32)
+        assert bwd.ops == Counter(sort=1), what
+        assert not bwd.launcher_ops and glue_launches(bwd) == 3, what
+        assert Counter(bwd.launcher_triton) == Counter(
+            count_kernel=1, compact_kernel=1, weights_kernel=2, products_kernel=1
+        ), what
+        # The fp32 B x D tensors: the two accumulators (allocated, never filled; fp32
+        # gradients are written over them); the rest are the panel-sized workspaces of
+        # the gated side's partial products (allocated, never filled).
+        b_by_d = [(name, inside) for name, shape, inside in bwd.big_fp32 if shape == (b, dim)]
+        assert b_by_d == [("empty", True)] * 2, what
+        assert all(name == "empty" for name, _, _ in bwd.big_fp32), bwd.big_fp32
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
     # The glue's result: the PyTorch glue on the same forward gives the same gradients
     # up to fp32 summation order and one rounding.
     reference = PyTorchGlue()
     with pytest.MonkeyPatch.context() as patch:
         for name in ("positive_scores", "partials_for_finalize", "finalize_both",
-                     "finalize_forward", "sparse_and_diagonal_backward"):  # fmt: skip
+                     "finalize_forward", "dense_backward_for_sparse",
+                     "sparse_and_diagonal_backward"):  # fmt: skip
             patch.setattr(TritonBackend, name, getattr(reference, name).__func__)
         _, _, out_ref, grads_ref = run_pipeline(img, txt, ids, mode, upstream)
     for got, want in zip(grads, grads_ref, strict=True):

@@ -137,13 +137,16 @@ def specializations(quick: bool = False):
 
     pointers = {
         "row_flag_ptr": "*i8", "col_flag_ptr": "*i8", "row_coef_ptr": "*fp32",
-        "col_coef_ptr": "*fp32", "row_order_ptr": "*i32", "col_order_ptr": "*i32",
+        "col_coef_ptr": "*fp32", "row_factor_ptr": "*fp32", "col_factor_ptr": "*fp32",
+        "row_order_ptr": "*i32", "col_order_ptr": "*i32",
         "row_weight_ptr": "*fp32", "col_weight_ptr": "*fp32", "state_ptr": "*i32",
         "blocks_ptr": "*i32",
     }  # fmt: skip
-    for fn in (backward_kernels.count_kernel, backward_kernels.compact_kernel):
+    for fn, factored in product((backward_kernels.count_kernel, backward_kernels.compact_kernel),
+                                (False, True)):  # fmt: skip
         types = _types(fn, {k: v for k, v in pointers.items() if k in fn.arg_names}, ())
-        yield fn.__name__, fn, types, {"BLOCK": COMPACT_BLOCK}, 4, 1
+        yield f"{fn.__name__} factored={factored}", fn, types, \
+            {"BLOCK": COMPACT_BLOCK, "FACTORED": factored}, 4, 1  # fmt: skip
     yield from glue_specializations()
 
 
@@ -166,12 +169,13 @@ def glue_specializations():
             "rows_ptr": data, "cols_ptr": data, "out_rows_ptr": data, "out_cols_ptr": data,
             "row_arg_ptr": "*i64", "col_arg_ptr": "*i64", "row_act_ptr": "*i32",
             "col_act_ptr": "*i32", "keys_ptr": "*i64", "sources_ptr": "*i64",
+            "state_ptr": "*i32", "row_gated_ptr": "*i8", "col_gated_ptr": "*i8",
         }  # fmt: skip
-        for has_dense in (False, True):
-            constexprs = dict(HAS_DENSE=has_dense, ROWS_BY_HAND=False, COLS_BY_HAND=False,
-                              BLOCK_D=1024)  # fmt: skip
-            yield f"glue gradients {name} dense={has_dense}", fn, glue_types(fn, pointers), \
-                constexprs, 4, 1  # fmt: skip
+        for has_dense, where_written in ((False, False), (True, False), (True, True)):
+            constexprs = dict(HAS_DENSE=has_dense, WHERE_WRITTEN=where_written,
+                              ROWS_BY_HAND=False, COLS_BY_HAND=False, BLOCK_D=1024)  # fmt: skip
+            yield f"glue gradients {name} dense={has_dense} where_written={where_written}", \
+                fn, glue_types(fn, pointers), constexprs, 4, 1  # fmt: skip
     ints = {"row_arg_ptr": "*i64", "col_arg_ptr": "*i64", "row_n_ptr": "*i64",
             "col_n_ptr": "*i64", "pair_arg_ptr": "*i64", "row_key_ptr": "*i64",
             "col_key_ptr": "*i64"}  # fmt: skip

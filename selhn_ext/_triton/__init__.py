@@ -13,7 +13,9 @@
     glue.py               their launchers
 
 ``TritonBackend(variant)`` implements ``partials`` (``partials_for_finalize``: the maxima
-left packed for the finalize kernel to decode) and ``dense_backward`` of
+left packed for the finalize kernel to decode) and ``dense_backward``
+(``dense_backward_for_sparse``: the fp32 accumulators left unfilled where nothing was
+written, for the gradients kernel to skip) of
 ``kernel_interface.py`` and replaces the PyTorch glue with glue.py's kernels; the variant
 names the dense backward (``backward.VARIANTS``, one so far: ``panels``), chosen by
 dispatch.py from ``SELHN_TRITON_BACKWARD``. ``testing`` holds the test-only switches
@@ -31,12 +33,20 @@ from ..kernel_interface import (
     AnchorWeights,
     Block,
     GatedAnchors,
+    GatedFactors,
     PackedStats,
     PairedResults,
     PyTorchGlue,
 )
 from . import glue
-from .backward import VARIANTS, compact, dense_backward
+from .backward import (
+    VARIANTS,
+    DenseAccumulators,
+    compact,
+    dense_backward,
+    dense_backward_for_sparse,
+    written_or_zero,
+)
 from .config import CONFIGS, BlockConfig, testing
 from .forward import partials
 
@@ -102,6 +112,8 @@ class TritonBackend(PyTorchGlue):
     ) -> tuple[Tensor, Tensor]:
         """Deterministic whatever ``deterministic`` says (see glue.py)."""
         if not glue.fusable(block.rows):
+            if isinstance(dense_grads, DenseAccumulators):
+                dense_grads = written_or_zero(dense_grads)
             return super().sparse_and_diagonal_backward(
                 block, dense_grads, row, col, deterministic=deterministic, out_dtypes=out_dtypes
             )
@@ -117,6 +129,22 @@ class TritonBackend(PyTorchGlue):
         allow_tf32: bool = False,
     ) -> tuple[Tensor, Tensor]:
         return dense_backward(
+            block, margin, gated, deterministic=deterministic, allow_tf32=allow_tf32,
+            variant=self.variant,
+        )  # fmt: skip
+
+    def dense_backward_for_sparse(
+        self,
+        block: Block,
+        margin: float,
+        gated: GatedFactors,
+        *,
+        deterministic: bool = False,
+        allow_tf32: bool = False,
+    ) -> DenseAccumulators:
+        """The accumulators as written (no zero fill; glue.py's gradients kernel reads a
+        row only where written), the coefficients multiplied in the compaction."""
+        return dense_backward_for_sparse(
             block, margin, gated, deterministic=deterministic, allow_tf32=allow_tf32,
             variant=self.variant,
         )  # fmt: skip

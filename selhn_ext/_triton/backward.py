@@ -3,7 +3,8 @@ gated anchors, with one S recompute per touched tile and the products on tensor 
 
 Launches, all on one stream and none sized by a device-side count (no host sync):
 
-    count_kernel, compact_kernel    both sides' orders, gated counts, scale    2
+    count_kernel, compact_kernel    both sides' orders, gated counts, scale,
+                                    the zeroed tickets (no fill launch)        2
     weights_kernel(t), products_kernel(t)   for t < steps                      2 * steps
     weights_kernel(steps)           adds the last step's partial products      1
 
@@ -11,17 +12,23 @@ Launches, all on one stream and none sized by a device-side count (no host sync)
 whose programs claim work items until the device-side count of items is spent, so a
 launch costs in proportion to the gated anchors of its panel; a step past the gated
 anchors of both sides has no item and returns at once.
+
+The two fp32 gradients are allocated without a fill: each element's first term is stored
+(backward_kernels.py, "First writes"). ``dense_backward_for_sparse`` returns them as
+written (DenseAccumulators, for glue.py's gradients kernel, which reads only the rows
+written); ``dense_backward`` zeroes the rest (two masked fills) for the kernel interface.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 from torch import Tensor
 
-from ..kernel_interface import Block, GatedAnchors
+from ..kernel_interface import Block, GatedAnchors, GatedFactors
 from . import backward_kernels
 from .config import (
     block_config,
@@ -96,7 +103,12 @@ def persistent_programs(device: torch.device) -> int:
 
 
 def compact(
-    row_gated: Tensor, col_gated: Tensor, row_coef: Tensor, col_coef: Tensor, launches: int
+    row_gated: Tensor,
+    col_gated: Tensor,
+    row_coef: Tensor,
+    col_coef: Tensor,
+    launches: int,
+    factors: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(row_order, col_order, row_weight, col_weight, state) on the device, in two
     launches over blocks of both sides, nothing read back.
@@ -105,7 +117,8 @@ def compact(
     same for columns); ``row_weight`` = row_coef / scale where gated, else 0, with
     scale the largest finite |coefficient| of a gated anchor (1 if none); ``state``
     (int32) holds the gated row and column counts, the scale's fp32 bits and a zero
-    ticket for each of ``launches`` later launches.
+    ticket for each of ``launches`` later launches. With ``factors`` (fp32, one per
+    side) each coefficient is ``coef * factor``, the product formed in the kernels.
     """
     b, n_cols = row_gated.shape[0], col_gated.shape[0]
     device = row_gated.device
@@ -114,14 +127,23 @@ def compact(
     row_weight = torch.empty(b, dtype=torch.float32, device=device)
     col_weight = torch.empty(n_cols, dtype=torch.float32, device=device)
     blocks = triton.cdiv(b, COMPACT_BLOCK) + triton.cdiv(n_cols, COMPACT_BLOCK)
-    # One zero-filled allocation: the state, then per-block counts and maxima.
-    state = torch.zeros(STATE_HEADER + launches + 2 * blocks, dtype=torch.int32, device=device)
+    # One allocation, no fill: the state (zeroed by count_kernel, which runs first), then
+    # per-block counts and maxima (at least one program, so that the state is zeroed).
+    count_programs = max(blocks, 1)
+    state = torch.empty(STATE_HEADER + launches + 2 * count_programs, dtype=torch.int32,
+                        device=device)  # fmt: skip
     per_block = state[STATE_HEADER + launches :]
-    flags = (_flags(row_gated), _flags(col_gated), row_coef, col_coef)
-    backward_kernels.count_kernel[(blocks,)](*flags, per_block, b, n_cols, COMPACT_BLOCK)
+    row_factor, col_factor = factors if factors is not None else (row_coef, col_coef)
+    coefs = (row_coef, row_factor, col_coef, col_factor)
+    flags = (_flags(row_gated), _flags(col_gated))
+    factored = factors is not None
+    backward_kernels.count_kernel[(count_programs,)](
+        *flags, *coefs, per_block, state, STATE_HEADER + launches, b, n_cols,
+        FACTORED=factored, BLOCK=COMPACT_BLOCK,
+    )  # fmt: skip
     backward_kernels.compact_kernel[(blocks,)](
-        *flags, row_order, col_order, row_weight, col_weight, state, per_block, b, n_cols,
-        COMPACT_BLOCK,
+        *flags, *coefs, row_order, col_order, row_weight, col_weight, state, per_block, b,
+        n_cols, FACTORED=factored, BLOCK=COMPACT_BLOCK,
     )  # fmt: skip
     return row_order, col_order, row_weight, col_weight, state[: STATE_HEADER + launches]
 
@@ -130,6 +152,38 @@ def _flags(gated: Tensor) -> Tensor:
     """bool flags as int8 (a view, no copy, when already contiguous)."""
     gated = gated.contiguous()
     return gated.view(torch.int8) if gated.dtype == torch.bool else gated.to(torch.int8)
+
+
+class DenseAccumulators(NamedTuple):
+    """The dense backward's fp32 gradients as the kernels leave them: a row is written
+    only where backward_kernels.py's "First writes" says, the rest is uninitialised. Read
+    them through ``written_or_zero``, or glue.py's gradients kernel, which skips the rest."""
+
+    rows: Tensor  # (b, D) fp32
+    cols: Tensor  # (N, D) fp32
+    state: Tensor  # int32, compact's state (the gated counts first)
+    row_gated: Tensor  # (b,) int8 flags
+    col_gated: Tensor  # (N,) int8
+
+
+def accumulators(b: int, n_cols: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The fp32 gradients, uninitialised: no fill launch, no bytes moved (the tests
+    replace this by a NaN fill to catch a read before the first write)."""
+    rows = torch.empty(b, dim, dtype=torch.float32, device=device)
+    return rows, torch.empty(n_cols, dim, dtype=torch.float32, device=device)
+
+
+def written_or_zero(acc: DenseAccumulators) -> tuple[Tensor, Tensor]:
+    """The full gradients: rows the backward never wrote set to zero, on the device (the
+    rule of "First writes" in backward_kernels.py; glue_kernels.py's _dense_term too)."""
+    gated_rows = acc.state[backward_kernels.GATED_ROWS.value]  # 0-d views, no sync
+    gated_cols = acc.state[backward_kernels.GATED_COLS.value]
+    row_written = (acc.row_gated != 0) | (gated_cols > 0)
+    col_written = (gated_rows > 0) | ((acc.col_gated != 0) & (gated_rows < acc.rows.shape[0]))
+    return (
+        acc.rows.masked_fill_(~row_written[:, None], 0.0),
+        acc.cols.masked_fill_(~col_written[:, None], 0.0),
+    )
 
 
 def dense_backward(
@@ -147,6 +201,36 @@ def dense_backward(
     Every output tile has one writer and the launches run in order, so the result is the
     same on every run: ``deterministic`` changes nothing here and costs nothing.
     """
+    return written_or_zero(_accumulate(block, margin, gated, None, allow_tf32))
+
+
+def dense_backward_for_sparse(
+    block: Block,
+    margin: float,
+    gated: GatedFactors,
+    *,
+    deterministic: bool = False,
+    allow_tf32: bool = False,
+    variant: str = VARIANTS[0],
+) -> DenseAccumulators:
+    """dense_backward for glue.py's gradients kernel: the accumulators left as written,
+    and each coefficient's product (upstream x dense weight) formed in the compaction."""
+    anchors = GatedAnchors(gated.row_upstream, gated.col_upstream, gated.row_gated,
+                           gated.col_gated)  # fmt: skip
+    factors = tuple(
+        w.to(torch.float32).contiguous() for w in (gated.row_dense_weight, gated.col_dense_weight)
+    )
+    return _accumulate(block, margin, anchors, factors, allow_tf32)
+
+
+def _accumulate(
+    block: Block,
+    margin: float,
+    gated: GatedAnchors,
+    factors: tuple[Tensor, ...] | None,
+    allow_tf32: bool,
+) -> DenseAccumulators:
+    """The launches of the module docstring (``factors``: see ``compact``)."""
     check_block(block)
     rows, cols, col_pos, row_offset = block.rows, block.cols, block.col_pos, block.row_offset
     row_ids, col_ids = block.row_ids, block.col_ids
@@ -159,13 +243,12 @@ def dense_backward(
     col_ids_t, _ = ids_or_placeholder(col_ids, device)
     row_coef = row_coef.to(torch.float32).contiguous()
     col_coef = col_coef.to(torch.float32).contiguous()
-    grad_rows = torch.zeros(b, dim, dtype=torch.float32, device=device)
-    grad_cols = torch.zeros(n_cols, dim, dtype=torch.float32, device=device)
+    grad_rows, grad_cols = accumulators(b, n_cols, dim, device)
 
     panel = panel_size(dim, max(b, n_cols))
     steps = triton.cdiv(max(b, n_cols), panel)
     row_order, col_order, row_weight, col_weight, state = compact(
-        row_gated, col_gated, row_coef, col_coef, 2 * steps + 1
+        row_gated, col_gated, row_coef, col_coef, 2 * steps + 1, factors
     )
     # W / scale of one panel of each part, in the input dtype (fp32 for fp32 inputs):
     # (P, N) for part A, rows padded to a multiple of W_ALIGN entries so that each starts
@@ -203,4 +286,4 @@ def dense_backward(
             PRECISION=prec, UPCAST=up,
             num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         )  # fmt: skip
-    return grad_rows, grad_cols
+    return DenseAccumulators(grad_rows, grad_cols, state, _flags(row_gated), _flags(col_gated))

@@ -25,7 +25,17 @@ too few output tiles to fill the GPU); the next ``weights_kernel`` launch adds t
 the gradient in a fixed order. No float atomics: the result does not depend on the order
 in which programs run.
 
-``scale`` is the largest finite |coefficient| of a gated anchor: with uniform coefficients
+First writes: the fp32 gradients start uninitialised (no zero fill), and each element's
+first term is stored, not added. grad_rows[gated row] has one term, the sum of part A's
+partial products (``weights_kernel``, the step after its panel); the other rows' first
+term is part B's product at step 0 (if any column is gated); grad_cols' first term is
+part A's product at step 0 if any row is gated, else a gated column's part B sum. So a
+gradient row is written iff (rows) it is gated or some column is, (columns) some row is
+gated, or it is gated and some row is not; the rest is never written and must not be
+read (``written_or_zero`` in backward.py, ``_dense_term`` in glue_kernels.py).
+
+``scale`` is the largest finite |coefficient| of a gated anchor (raised to the smallest
+normal fp32 when that is subnormal, so that 1 / scale is finite): with uniform coefficients
 (mean reduction, no ids) W / scale is 0, 1 or 2, exact in every dtype; otherwise each
 entry is rounded once to the input dtype (relative 2**-9 for bfloat16, 2**-12 for
 float16), and the products accumulate in fp32.
@@ -48,27 +58,55 @@ GATED_COLS = tl.constexpr(1)
 SCALE_BITS = tl.constexpr(2)  # fp32 bits of the scale (0 until the compaction sets it)
 TICKETS = tl.constexpr(4)  # state[TICKETS + launch]: the next work item of each launch
 SPLIT_MAX = tl.constexpr(8)  # at most this many K splits of a gated-side product tile
+SMALLEST_NORMAL = tl.constexpr(2.0**-126)  # fp32
+
+
+@triton.jit
+def _coefficients(coef_ptr, factor_ptr, pos, mask, FACTORED: tl.constexpr):
+    """coef[pos], or coef[pos] * factor[pos] (one fp32 product, as torch rounds it)."""
+    coef = tl.load(coef_ptr + pos, mask=mask, other=0.0)
+    if FACTORED:
+        coef = coef * tl.load(factor_ptr + pos, mask=mask, other=0.0)
+    return coef
 
 
 @triton.jit
 def count_kernel(
-    row_flag_ptr, col_flag_ptr, row_coef_ptr, col_coef_ptr, blocks_ptr, b, N,
-    BLOCK: tl.constexpr,
+    row_flag_ptr, col_flag_ptr, row_coef_ptr, row_factor_ptr, col_coef_ptr, col_factor_ptr,
+    blocks_ptr, state_ptr, state_len, b, N, FACTORED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per block of BLOCK anchors (rows, then columns, one program each): the number of
     gated anchors, and the largest finite |coefficient| among them (fp32 bits; NaN and
-    inf stay out), into ``blocks_ptr[pid]`` and ``blocks_ptr[blocks + pid]``."""
+    inf stay out), into ``blocks_ptr[pid]`` and ``blocks_ptr[blocks + pid]``. Program 0
+    also zeroes ``state_ptr[:state_len]`` (counts, scale, tickets) for the launches after
+    this one."""
     pid = tl.program_id(0)
+    if pid == 0:
+        for start in range(0, state_len, BLOCK):
+            at = start + tl.arange(0, BLOCK)
+            tl.store(state_ptr + at, tl.zeros((BLOCK,), tl.int32), mask=at < state_len)
     row_blocks = tl.cdiv(b, BLOCK)
     if pid < row_blocks:
-        flag_ptr, coef_ptr, n, block = row_flag_ptr, row_coef_ptr, b, pid
+        flag_ptr, coef_ptr, factor_ptr, n, block = (
+            row_flag_ptr,
+            row_coef_ptr,
+            row_factor_ptr,
+            b,
+            pid,
+        )
     else:
-        flag_ptr, coef_ptr, n, block = col_flag_ptr, col_coef_ptr, N, pid - row_blocks
+        flag_ptr, coef_ptr, factor_ptr, n, block = (
+            col_flag_ptr,
+            col_coef_ptr,
+            col_factor_ptr,
+            N,
+            pid - row_blocks,
+        )
     pos = block * BLOCK + tl.arange(0, BLOCK)
     ok = pos < n
     flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
     tl.store(blocks_ptr + pid, tl.sum(flag.to(tl.int32), axis=0))
-    coef = tl.abs(tl.load(coef_ptr + pos, mask=ok & flag, other=0.0))
+    coef = tl.abs(_coefficients(coef_ptr, factor_ptr, pos, ok & flag, FACTORED))
     coef = tl.where(coef < float("inf"), coef, 0.0)
     blocks = row_blocks + tl.cdiv(N, BLOCK)
     tl.store(blocks_ptr + blocks + pid, tl.max(coef, axis=0).to(tl.int32, bitcast=True))
@@ -76,8 +114,9 @@ def count_kernel(
 
 @triton.jit
 def compact_kernel(
-    row_flag_ptr, col_flag_ptr, row_coef_ptr, col_coef_ptr, row_order_ptr, col_order_ptr,
-    row_weight_ptr, col_weight_ptr, state_ptr, blocks_ptr, b, N, BLOCK: tl.constexpr,
+    row_flag_ptr, col_flag_ptr, row_coef_ptr, row_factor_ptr, col_coef_ptr, col_factor_ptr,
+    row_order_ptr, col_order_ptr, row_weight_ptr, col_weight_ptr, state_ptr, blocks_ptr, b,
+    N, FACTORED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per block (as count_kernel): its entries of the side's order and of its weights
     coefficient / scale (0 where not gated), the side's gated count (last block) and the
@@ -87,17 +126,19 @@ def compact_kernel(
     row_blocks = tl.cdiv(b, BLOCK)
     blocks = row_blocks + tl.cdiv(N, BLOCK)
     if pid < row_blocks:
-        flag_ptr, coef_ptr, order_ptr, weight_ptr = (
+        flag_ptr, coef_ptr, factor_ptr, order_ptr, weight_ptr = (
             row_flag_ptr,
             row_coef_ptr,
+            row_factor_ptr,
             row_order_ptr,
             row_weight_ptr,
         )
         n, block, first, count_at = b, pid, 0, GATED_ROWS
     else:
-        flag_ptr, coef_ptr, order_ptr, weight_ptr = (
+        flag_ptr, coef_ptr, factor_ptr, order_ptr, weight_ptr = (
             col_flag_ptr,
             col_coef_ptr,
+            col_factor_ptr,
             col_order_ptr,
             col_weight_ptr,
         )
@@ -112,14 +153,16 @@ def compact_kernel(
         bits = tl.load(blocks_ptr + blocks + at, mask=at < blocks, other=0)
         largest = tl.maximum(largest, tl.max(bits, axis=0))
     scale = largest.to(tl.float32, bitcast=True)
-    scale = tl.where(scale > 0.0, scale, 1.0)
+    # At least the smallest normal float, so 1 / scale (the products' rescaling) is finite
+    # when every gated coefficient is subnormal.
+    scale = tl.where(scale > 0.0, tl.maximum(scale, SMALLEST_NORMAL), 1.0)
     pos = block * BLOCK + offs
     ok = pos < n
     flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
     upto = before + tl.cumsum(flag.to(tl.int32), axis=0)  # gated in [0, pos]
     # A gated anchor goes to its rank from the front, the others fill from the back.
     tl.store(order_ptr + tl.where(flag, upto - 1, n - 1 - (pos - upto)), pos, mask=ok)
-    coef = tl.load(coef_ptr + pos, mask=ok & flag, other=0.0)
+    coef = _coefficients(coef_ptr, factor_ptr, pos, ok & flag, FACTORED)
     # Rounded division (a plain / is approximate on GPUs): c / c is exactly 1.
     tl.store(weight_ptr + pos, tl.where(flag, tl.div_rn(coef, scale), 0.0), mask=ok)
     if (block + 1) * BLOCK >= n:
@@ -291,6 +334,9 @@ def weights_kernel(
         else:
             # Sum the K splits of one gated-side tile of the previous step, split 0 first.
             part = item - ab_tiles
+            # First writes (module docstring): a gated row's only term; a gated column's
+            # first too when no row is gated, else added to part A's products.
+            first = (part < sums_a) | (kr == 0)
             if part < sums_a:
                 ws_ptr, order_ptr, grad_ptr, count = ws_a_ptr, row_order_ptr, grad_rows_ptr, prev_a
             else:
@@ -306,7 +352,10 @@ def weights_kernel(
                 acc += tl.load(ws_ptr + ws_rows[:, None] * D + d_idx[None, :], mask=ok, other=0.0)
             mem = tl.load(order_ptr + (step - 1) * panel + g, mask=g_ok, other=0).to(tl.int64)
             out = grad_ptr + mem[:, None] * D + d_idx[None, :]
-            tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
+            if first:  # acc is never -0.0 (it starts at +0.0), so 0.0 + acc is acc
+                tl.store(out, acc, mask=ok)
+            else:
+                tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
         item = _claim(state_ptr, launch, total, REVERSE)
 
 
@@ -367,7 +416,7 @@ def _gated_product(
 @triton.jit
 def _other_product(
     w_ptr, ld, count, n_out, x_ptr, stride_xn, stride_xk, order_ptr, out_order_ptr, grad_ptr,
-    scale, inv_scale, D, block, d_block,
+    scale, inv_scale, D, block, d_block, step,
     W_IS_KM: tl.constexpr, OUT_GATHER: tl.constexpr, GM: tl.constexpr, GD: tl.constexpr,
     GK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -385,7 +434,8 @@ def _other_product(
         out_mem = o.to(tl.int64)
     out = grad_ptr + out_mem[:, None] * D + d_idx[None, :]
     ok = o_ok[:, None] & d_ok[None, :]
-    acc = tl.load(out, mask=ok, other=0.0) * inv_scale
+    # Step 0 writes first (nothing was stored before): the running sum starts at 0.
+    acc = tl.load(out, mask=ok & (step > 0), other=0.0) * inv_scale
     for g0 in range(0, count, GK):
         g = g0 + tl.arange(0, GK)
         a = _w_tile(w_ptr, ld, o, g, n_out, count, W_IS_KM)
@@ -480,7 +530,7 @@ def products_kernel(
             _other_product(
                 w_a_ptr, ld_a, in_a, N, rows_ptr, stride_rm, stride_rk, row_order_ptr + start,
                 row_order_ptr, grad_cols_ptr, scale, inv_scale, D, part // d_blocks,
-                part % d_blocks,
+                part % d_blocks, step,
                 True, False, GM, GD, GK, PRECISION, UPCAST,
             )  # fmt: skip
         else:  # grad_rows[other rows] += W_B @ cols[gated columns of the panel]
@@ -488,6 +538,6 @@ def products_kernel(
             _other_product(
                 w_b_ptr, panel, in_b, others, cols_ptr, stride_cn, stride_ck,
                 col_order_ptr + start, row_order_ptr + kr, grad_rows_ptr, scale, inv_scale, D,
-                part // d_blocks, part % d_blocks, False, True, GM, GD, GK, PRECISION, UPCAST,
+                part // d_blocks, part % d_blocks, step, False, True, GM, GD, GK, PRECISION, UPCAST,
             )  # fmt: skip
         item = _claim(state_ptr, launch, total, REVERSE)

@@ -35,6 +35,7 @@ from ..kernel_interface import (
     PackedStats,
     PairedResults,
 )
+from .backward import DenseAccumulators
 from .glue_kernels import (
     decode_keys_kernel,
     finalize_kernel,
@@ -220,13 +221,14 @@ def finalize_inputs_fusable(row: AnchorSide, col: AnchorSide) -> bool:
 
 def sparse_and_diagonal_backward(
     block: Block,
-    dense_grads: tuple[Tensor, Tensor] | None,
+    dense_grads: tuple[Tensor, Tensor] | DenseAccumulators | None,
     row: AnchorWeights,
     col: AnchorWeights,
     out_dtypes: tuple[torch.dtype, torch.dtype],
 ) -> tuple[Tensor, Tensor]:
     """The final gradients (see kernel_interface.sparse_and_diagonal_backward), added to
-    the fp32 dense gradients when given, in ``out_dtypes``, in three launches."""
+    the fp32 dense gradients when given (full, or backward.py's DenseAccumulators, read
+    only where written), in ``out_dtypes``, in three launches."""
     rows, cols, row_offset = block.rows, block.cols, block.row_offset
     b, n_cols, dim = block.b, block.n, block.dim
     device = rows.device
@@ -249,22 +251,33 @@ def sparse_and_diagonal_backward(
             row_hw, row_arg, col_hw, col_arg, keys, b, n_cols, row_offset, BLOCK=KEYS_BLOCK
         )
     keys, order = torch.sort(keys, stable=True)
-    out_rows = torch.empty(b, dim, dtype=out_dtypes[0], device=device)
-    out_cols = torch.empty(n_cols, dim, dtype=out_dtypes[1], device=device)
     has_dense = dense_grads is not None
-    dense_rows, dense_cols = dense_grads if has_dense else (keys, keys)
+    # Accumulators as the dense backward left them: rows read only where written.
+    where_written = isinstance(dense_grads, DenseAccumulators)
+    dense_rows, dense_cols = dense_grads[:2] if has_dense else (keys, keys)
     if has_dense:
         dense_rows, dense_cols = dense_rows.contiguous(), dense_cols.contiguous()
+    written = dense_grads[2:] if where_written else (keys, keys, keys)
+
+    def output(n: int, dtype: torch.dtype, accumulator: Tensor) -> Tensor:
+        # An fp32 output overwrites the dense backward's own accumulator (each program
+        # reads its part of a row before it stores it): one fp32 B x D tensor fewer.
+        if where_written and dtype == torch.float32:
+            return accumulator
+        return torch.empty(n, dim, dtype=dtype, device=device)
+
+    out_rows = output(b, out_dtypes[0], dense_rows)
+    out_cols = output(n_cols, out_dtypes[1], dense_cols)
     block_d = min(triton.next_power_of_2(max(dim, 1)), GRADIENT_BLOCK_D)
     if sources and dim:
         gradients_kernel[(sources, triton.cdiv(dim, block_d))](
             rows, cols, rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-            dense_rows, dense_cols,
+            dense_rows, dense_cols, *written,
             row_up, row_arg, row_dw, row_hw, row_active,
             col_up, col_arg, col_dw, col_hw, col_active,
             keys, order, out_rows, out_cols,
             b, n_cols, dim, row_offset, math.ceil(math.log2(sources + 1)),
-            HAS_DENSE=has_dense,
+            HAS_DENSE=has_dense, WHERE_WRITTEN=where_written,
             ROWS_BY_HAND=TRITON_INTERPRET and out_dtypes[0] == torch.bfloat16,
             COLS_BY_HAND=TRITON_INTERPRET and out_dtypes[1] == torch.bfloat16,
             BLOCK_D=block_d,

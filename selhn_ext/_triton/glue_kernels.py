@@ -210,12 +210,13 @@ def _diagonal_weight(r, row_offset, row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_
 @triton.jit
 def gradients_kernel(
     rows_ptr, cols_ptr, stride_rm, stride_rk, stride_cn, stride_ck,
-    dense_rows_ptr, dense_cols_ptr,
+    dense_rows_ptr, dense_cols_ptr, state_ptr, row_gated_ptr, col_gated_ptr,
     row_up_ptr, row_arg_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr,
     col_up_ptr, col_arg_ptr, col_dw_ptr, col_hw_ptr, col_act_ptr,
     keys_ptr, sources_ptr, out_rows_ptr, out_cols_ptr,
     b, N, D, row_offset, search_steps,
-    HAS_DENSE: tl.constexpr, ROWS_BY_HAND: tl.constexpr, COLS_BY_HAND: tl.constexpr,
+    HAS_DENSE: tl.constexpr, WHERE_WRITTEN: tl.constexpr, ROWS_BY_HAND: tl.constexpr,
+    COLS_BY_HAND: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program (t, kd): output row t (t < b: grad_rows[t], else grad_cols[t - b]) on
@@ -227,37 +228,64 @@ def gradients_kernel(
                        + g_{c - off} rows[c - off]   (last term for off <= c < off + b)
 
     with w = upstream x hard weight and g the diagonal weight (_diagonal_weight); the
-    sums run over the sorted (keys, sources) in ascending source order."""
+    sums run over the sorted (keys, sources) in ascending source order. WHERE_WRITTEN:
+    the dense gradients are the dense backward's accumulators, read only where written
+    (``_dense_term``)."""
     t = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     weights = (row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr,
                col_up_ptr, col_dw_ptr, col_hw_ptr, col_act_ptr)  # fmt: skip
     if t < b:
+        acc = _dense_term(dense_rows_ptr, t, k, D, state_ptr, row_gated_ptr, b, True,
+                          HAS_DENSE, WHERE_WRITTEN)  # fmt: skip
         _row_gradient(
-            t, k, cols_ptr, stride_cn, stride_ck, dense_rows_ptr, row_arg_ptr, weights,
+            t, k, acc, cols_ptr, stride_cn, stride_ck, row_arg_ptr, weights,
             keys_ptr, sources_ptr, out_rows_ptr, b, N, D, row_offset, search_steps,
-            HAS_DENSE, ROWS_BY_HAND, BLOCK_D,
+            ROWS_BY_HAND, BLOCK_D,
         )  # fmt: skip
     else:
+        acc = _dense_term(dense_cols_ptr, t - b, k, D, state_ptr, col_gated_ptr, b, False,
+                          HAS_DENSE, WHERE_WRITTEN)  # fmt: skip
         _col_gradient(
-            t - b, k, rows_ptr, stride_rm, stride_rk, dense_cols_ptr, col_arg_ptr, weights,
+            t - b, k, acc, rows_ptr, stride_rm, stride_rk, col_arg_ptr, weights,
             keys_ptr, sources_ptr, out_cols_ptr, b, N, D, row_offset, search_steps,
-            HAS_DENSE, COLS_BY_HAND, BLOCK_D,
+            COLS_BY_HAND, BLOCK_D,
         )  # fmt: skip
 
 
 @triton.jit
-def _row_gradient(
-    r, k, cols_ptr, stride_cn, stride_ck, dense_rows_ptr, row_arg_ptr, weights, keys_ptr,
-    sources_ptr, out_ptr, b, N, D, row_offset, search_steps,
-    HAS_DENSE: tl.constexpr, BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dense_term(
+    dense_ptr, i, k, D, state_ptr, gated_ptr, b, IS_ROW: tl.constexpr,
+    HAS_DENSE: tl.constexpr, WHERE_WRITTEN: tl.constexpr,
 ):  # fmt: skip
-    """grad_rows[r] on the columns ``k`` of D (see gradients_kernel)."""
+    """0 + the dense gradient's row i (fp32, on the columns ``k`` of D). WHERE_WRITTEN: the
+    row is read only if the dense backward wrote it (the rule of "First writes" in
+    backward_kernels.py; the gated counts are the first two entries of its state)."""
+    k_ok = k < D
+    acc = tl.zeros(k.shape, dtype=tl.float32)
+    if HAS_DENSE:
+        if WHERE_WRITTEN:
+            gated_rows = tl.load(state_ptr)
+            gated_cols = tl.load(state_ptr + 1)
+            gated = tl.load(gated_ptr + i) != 0
+            if IS_ROW:
+                written = gated | (gated_cols > 0)
+            else:
+                written = (gated_rows > 0) | (gated & (gated_rows < b))
+            k_ok = k_ok & written
+        acc += tl.load(dense_ptr + i.to(tl.int64) * D + k, mask=k_ok, other=0.0)
+    return acc
+
+
+@triton.jit
+def _row_gradient(
+    r, k, acc, cols_ptr, stride_cn, stride_ck, row_arg_ptr, weights, keys_ptr,
+    sources_ptr, out_ptr, b, N, D, row_offset, search_steps,
+    BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """grad_rows[r] on the columns ``k`` of D (see gradients_kernel), added to ``acc``."""
     row_up_ptr, row_dw_ptr, row_hw_ptr, row_act_ptr, col_up_ptr, _, col_hw_ptr, _ = weights
     k_ok = k < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DENSE:
-        acc += tl.load(dense_rows_ptr + r.to(tl.int64) * D + k, mask=k_ok, other=0.0)
     arg = tl.load(row_arg_ptr + r)
     w = tl.load(row_up_ptr + r) * tl.load(row_hw_ptr + r)
     if arg >= 0:
@@ -279,16 +307,13 @@ def _row_gradient(
 
 @triton.jit
 def _col_gradient(
-    c, k, rows_ptr, stride_rm, stride_rk, dense_cols_ptr, col_arg_ptr, weights, keys_ptr,
+    c, k, acc, rows_ptr, stride_rm, stride_rk, col_arg_ptr, weights, keys_ptr,
     sources_ptr, out_ptr, b, N, D, row_offset, search_steps,
-    HAS_DENSE: tl.constexpr, BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
+    BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """grad_cols[c] on the columns ``k`` of D (see gradients_kernel)."""
+    """grad_cols[c] on the columns ``k`` of D (see gradients_kernel), added to ``acc``."""
     row_up_ptr, _, row_hw_ptr, _, col_up_ptr, _, col_hw_ptr, _ = weights
     k_ok = k < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DENSE:
-        acc += tl.load(dense_cols_ptr + c.to(tl.int64) * D + k, mask=k_ok, other=0.0)
     first, end = _segment(keys_ptr, b + N, c, search_steps)
     for s in range(first, end):
         i = tl.load(sources_ptr + s)
