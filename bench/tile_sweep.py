@@ -67,10 +67,10 @@ class Candidate:
         return f"{self.BM}x{self.BN}x{self.BK} w{self.num_warps} s{self.num_stages}{cap}"
 
 
-# The kept shape first. 128 x 256 and 256 x 128 double the accumulator per thread at 8
-# warps; 4 warps, or a cap of 128 registers at 8 warps, would let two CTAs share an SM
-# (65536 registers), so that one's epilogue runs under the other's MMA; 128 x 64 at 4
-# warps has the kept accumulator per thread and room for three CTAs.
+# 128 x 128 at 8 warps (one CTA per SM) first. 128 x 256 and 256 x 128 double the
+# accumulator per thread at 8 warps; 4 warps, or a cap of 128 registers at 8 warps, let
+# two CTAs share an SM (65536 registers), so that one's epilogue runs under the other's
+# MMA; 128 x 64 at 4 warps has the accumulator per thread of 128 x 128 at 8 warps.
 CANDIDATES = (
     Candidate(128, 128, 64, 8, 3),
     Candidate(128, 256, 64, 8, 3),
@@ -89,6 +89,16 @@ def kept_candidate() -> Candidate:
     from selhn_ext._triton.config import CONFIGS
 
     cfg = CONFIGS[torch.bfloat16]
+    return Candidate(cfg.BM, cfg.BN, cfg.BK, cfg.forward_warps, cfg.num_stages)
+
+
+def kept_backward_candidate() -> Candidate:
+    """The configuration the backward's S recompute launches with now (bf16)."""
+    import torch
+
+    from selhn_ext._triton.config import CONFIGS
+
+    cfg = CONFIGS[torch.bfloat16]
     return Candidate(cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages)
 
 
@@ -100,7 +110,7 @@ def backward_candidates(candidates, kept: Candidate) -> list[Candidate]:
     return [kept] + [c for c in fits if c != kept]
 
 
-def profile_candidates(candidates, kept: Candidate) -> list[dict]:
+def profile_candidates(candidates, kept_backward: Candidate) -> list[dict]:
     """[{"candidate": fields, "profile": Profile fields}]: the forward at every candidate,
     the backward (weights_kernel, its S-tile part) at those its panels allow."""
     from triton_aot import specializations
@@ -109,7 +119,7 @@ def profile_candidates(candidates, kept: Candidate) -> list[dict]:
     lines = jit_function_lines()
     out = []
     jobs = [(HEADLINE_FORWARD, c) for c in candidates]
-    jobs += [(HEADLINE_BACKWARD, c) for c in backward_candidates(candidates, kept)]
+    jobs += [(HEADLINE_BACKWARD, c) for c in backward_candidates(candidates, kept_backward)]
     for label, candidate in jobs:
         fn, types, constexprs, _, _ = specs[label]
         constexprs = dict(constexprs, BM=candidate.BM, BN=candidate.BN, BK=candidate.BK)
@@ -143,7 +153,7 @@ def static_columns(p: Profile, candidate: Candidate, kept: Candidate) -> dict:
     }  # fmt: skip
 
 
-def sweep_rows(results: list[dict], kept: Candidate) -> list[dict]:
+def sweep_rows(results: list[dict], kept: Candidate, kept_backward: Candidate) -> list[dict]:
     """One row per kernel, candidate, triton and modelled card (D = 1024). A forward
     candidate is modelled with the kept backward, a backward candidate with the kept
     forward; the model_forward_* columns are the forward's, so blank on backward rows."""
@@ -154,7 +164,7 @@ def sweep_rows(results: list[dict], kept: Candidate) -> list[dict]:
     rows = []
     for (kernel, version, candidate), p in profiles.items():
         forward = profiles[("partials_kernel", version, kept)]
-        backward = profiles[("weights_kernel", version, kept)]
+        backward = profiles[("weights_kernel", version, kept_backward)]
         if kernel == "partials_kernel":
             forward = p
         else:
@@ -168,9 +178,11 @@ def sweep_rows(results: list[dict], kept: Candidate) -> list[dict]:
                 continue
             row = by_device.get(model["device"])
             if row is None:
-                row = by_device[model["device"]] = static_columns(p, candidate, kept)
-                row["model_device"] = model["device"]
                 on_forward = kernel == "partials_kernel"
+                row = by_device[model["device"]] = static_columns(
+                    p, candidate, kept if on_forward else kept_backward
+                )
+                row["model_device"] = model["device"]
                 for column, value in (
                     ("model_interior_tile_us",
                      model["interior_tile_main_us"] + model["interior_tile_epilogue_us"]),
@@ -223,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a cold cache: ptxas reports spills
-        results = profile_candidates(CANDIDATES, kept_candidate())
+        results = profile_candidates(CANDIDATES, kept_backward_candidate())
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results))
         return 0
     for python in args.also:
         results += from_other_python(python)
-    kept = kept_candidate()
-    rows = sweep_rows(results, kept)
+    kept, kept_backward = kept_candidate(), kept_backward_candidate()
+    rows = sweep_rows(results, kept, kept_backward)
     print("tile sweep, bf16 headline kernels, D = 1024; ratios are MODEL PREDICTIONS")
     for r in rows:
         spill = f"{r['stack_bytes']}/{r['spill_store_bytes']}/{r['spill_load_bytes']}"
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_forward_backward_ratio_10pct']:.2f}x")  # fmt: skip
     for version in sorted({r["triton"] for r in rows}):
         print(f"preferred under triton {version}: {preferred(rows, version)} "
-              f"(kept: {kept.name})")  # fmt: skip
+              f"(kept: {kept.name}; backward kept: {kept_backward.name})")  # fmt: skip
     if not args.no_write and rows:
         write_csv(TILES_CSV, rows)
     return 0

@@ -63,9 +63,12 @@ def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
     with open(tile_sweep.TILES_CSV, newline="") as handle:
         rows = list(csv.DictReader(handle))
     kept = tile_sweep.kept_candidate()
+    kept_backward = tile_sweep.kept_backward_candidate()
     versions = sorted({r["triton"] for r in rows})
     assert len(versions) >= 2, versions  # the pinned triton and the GPU machine's 3.6
-    backward = {c.name for c in tile_sweep.backward_candidates(tile_sweep.CANDIDATES, kept)}
+    backward = {
+        c.name for c in tile_sweep.backward_candidates(tile_sweep.CANDIDATES, kept_backward)
+    }
     for version in versions:
         for kernel, names in (("partials_kernel", {c.name for c in tile_sweep.CANDIDATES}),
                               ("weights_kernel", backward)):  # fmt: skip
@@ -74,4 +77,9 @@ def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
             }
             assert found == names, (version, kernel, found)
         assert tile_sweep.preferred(rows, version) == kept.name, version
-        assert [r["kept"] for r in rows if r["candidate"] == kept.name][0] == "True"
+        for kernel, candidate in (("partials_kernel", kept), ("weights_kernel", kept_backward)):
+            marked = {
+                r["candidate"] for r in rows
+                if r["triton"] == version and r["kernel"] == kernel and r["kept"] == "True"
+            }  # fmt: skip
+            assert marked == {candidate.name}, (version, kernel, marked)

@@ -36,12 +36,12 @@ def test_specialization_list_covers_the_dispatch():
     labels = out.stdout.splitlines()[1:-1]
     # partials: ids x deterministic x (pointer and descriptor loads for the 3 tensor-core
     # precisions, pointer loads for fp32 ieee); its exact fix-up: 4 precisions x ids;
-    # backward: 4 precisions x (ids x weights + products); the two compaction kernels;
-    # the glue: 3 dtypes x (positive scores + gradients with and without dense terms),
-    # finalize for 4 modes x with and without negative counts x packed maxima or not,
-    # keys, buffers, decoding.
-    glue = 3 * (1 + 2) + 4 * 2 * 2 + 3
-    assert len(labels) == 2 * 2 * (3 * 2 + 1) + 4 * 2 + 4 * (2 + 1) + 2 + glue
+    # backward: 4 precisions x (ids x weights + products); the two compaction kernels x
+    # factored coefficients or not; the glue: 3 dtypes x (positive scores + gradients
+    # without dense terms, with them, with them read where written), finalize for 4 modes
+    # x with and without negative counts x packed maxima or not, keys, buffers, decoding.
+    glue = 3 * (1 + 3) + 4 * 2 * 2 + 3
+    assert len(labels) == 2 * 2 * (3 * 2 + 1) + 4 * 2 + 4 * (2 + 1) + 2 * 2 + glue
     for needle in ("torch.bfloat16 ieee", "torch.float16 ieee", "torch.float32 ieee",
                    "torch.float32 tf32", "ids=True", "deterministic=True", "tma=True",
                    "exact_fixup torch.bfloat16", "count_kernel",

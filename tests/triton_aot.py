@@ -96,7 +96,7 @@ def specializations(quick: bool = False):
             constexprs = dict(
                 blocks, HAS_IDS=has_ids, DETERMINISTIC=deterministic, REVERSE=False, USE_TMA=tma
             )
-            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
+            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.forward_warps, \
                 cfg.num_stages  # fmt: skip
         fn = forward_kernels.exact_fixup_kernel
         for has_ids in (False, True):

@@ -27,16 +27,26 @@ class BlockConfig:
     BN: int  # columns of S per tile
     BK: int  # K step of the S product
     BD: int  # embedding columns per step of the gradient products
-    num_warps: int
+    forward_warps: int  # warps of the forward's partials_kernel
+    num_warps: int  # warps of the backward's S recompute (weights_kernel), the exact fix-up
     num_stages: int
 
 
 # Large blocks: tensor-core friendly on sm_90 and few programs in the interpreter. Every
-# tl.dot dimension is >= 16, which the sm_90 compiler requires.
+# tl.dot dimension is >= 16, which the sm_90 compiler requires. The 16-bit forward at
+# 4 warps fits two CTAs per SM without spills (255 registers; bench/tile_sweep.py), so
+# that one's epilogue runs under the other's MMA; the backward's S recompute at 4 warps
+# spills, so it keeps 8 (one CTA per SM).
 CONFIGS: dict[torch.dtype, BlockConfig] = {
-    torch.bfloat16: BlockConfig(BM=128, BN=128, BK=64, BD=64, num_warps=8, num_stages=3),
-    torch.float16: BlockConfig(BM=128, BN=128, BK=64, BD=64, num_warps=8, num_stages=3),
-    torch.float32: BlockConfig(BM=64, BN=64, BK=32, BD=64, num_warps=4, num_stages=3),
+    torch.bfloat16: BlockConfig(
+        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, num_stages=3
+    ),
+    torch.float16: BlockConfig(
+        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, num_stages=3
+    ),
+    torch.float32: BlockConfig(
+        BM=64, BN=64, BK=32, BD=64, forward_warps=4, num_warps=4, num_stages=3
+    ),
 }
 
 
@@ -44,9 +54,10 @@ CONFIGS: dict[torch.dtype, BlockConfig] = {
 # count); on CPU (the interpreter) a few, so that merging across splits is exercised.
 PROGRAMS_PER_SM = 4
 CPU_SPLITS = 3
-# The forward's persistent grid: one program per SM (255 registers x 8 warps leave room
-# for one); on CPU a few, so that merging across programs is always exercised.
-FORWARD_PROGRAMS_PER_SM = 1
+# The forward's persistent grid: two programs per SM (the kept forward configurations
+# fit two CTAs per SM: registers and shared memory); on CPU a few, so that merging
+# across programs is always exercised.
+FORWARD_PROGRAMS_PER_SM = 2
 FORWARD_CPU_PROGRAMS = 3
 # The forward visits row blocks in groups whose row tiles take about this much memory,
 # so that they stay in L2 while the column tiles stream past.

@@ -94,7 +94,7 @@ def partials(
     common = dict(
         HAS_IDS=has_ids, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
         PRECISION=precision(rows.dtype, allow_tf32), UPCAST=upcast(rows.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     if tiles:
         partials_kernel[(programs,)](
@@ -106,7 +106,7 @@ def partials(
             max(1, L2_GROUP_BYTES // (cfg.BM * dim * rows.element_size())),
             interior_programs, rows_pad, cols_pad,
             DETERMINISTIC=bool(deterministic), REVERSE=testing.reverse_block_order,
-            USE_TMA=use_tma, **common,
+            USE_TMA=use_tma, num_warps=cfg.forward_warps, **common,
         )  # fmt: skip
     # Fixed shapes, fixed order: torch's reductions do not use atomics.
     if deterministic:
@@ -119,7 +119,7 @@ def partials(
             row_key, row_sum, row_cnt, col_key, col_sum, col_cnt,
             b, n_cols, dim, row_offset,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-            float(margin), row_blocks, col_blocks, **common,
+            float(margin), row_blocks, col_blocks, num_warps=cfg.num_warps, **common,
         )  # fmt: skip
     row_key, col_key = row_key[:b], col_key[:n_cols]
     if packed:

@@ -13,7 +13,7 @@ masked tiles (``masked_coords``). The two kinds are separate loops, so that the
 compiler allocates registers for each on its own.
 
 The fast epilogue is exact for finite inputs. Where it may not be (NaN or infinite
-scores, extreme values; see ``merge_direction``) it leaves the anchor's hinge sum NaN,
+scores, extreme values; see ``merge_hinges``) it leaves the anchor's hinge sum NaN,
 and ``exact_fixup_kernel`` then recomputes the statistics of every anchor with a NaN
 hinge sum exactly, through the same S tiles. With none, its programs exit after reading
 the sums.
@@ -89,10 +89,16 @@ def valid_pairs_mask(row_offs, col_offs, b, N, row_offset, row_ids_ptr, col_ids_
     col_ok = col_offs < N
     ok = row_ok[:, None] & col_ok[None, :] & ((row_offs + row_offset)[:, None] != col_offs[None, :])
     if HAS_IDS:
-        rid = tl.load(row_ids_ptr + row_offs, mask=row_ok, other=0)
-        cid = tl.load(col_ids_ptr + col_offs, mask=col_ok, other=0)
-        ok = ok & (rid[:, None] != cid[None, :])
+        ok = ok & other_ids(row_offs, col_offs, b, N, row_ids_ptr, col_ids_ptr)
     return ok
+
+
+@triton.jit
+def other_ids(row_offs, col_offs, b, N, row_ids_ptr, col_ids_ptr):
+    """Pairs of a tile whose ids differ (ids past the edges read as 0)."""
+    rid = tl.load(row_ids_ptr + row_offs, mask=row_offs < b, other=0)
+    cid = tl.load(col_ids_ptr + col_offs, mask=col_offs < N, other=0)
+    return rid[:, None] != cid[None, :]
 
 
 @triton.jit
@@ -107,38 +113,43 @@ def packed_key(best, first, base):
 
 
 @triton.jit
-def merge_direction(
-    s, margin, d_ptr, offs, other_offs, base, key_ptr, cnt_ptr, sum_ptr, slot_ptr,
-    AXIS: tl.constexpr, MASKED: tl.constexpr, DETERMINISTIC: tl.constexpr,
-):  # fmt: skip
-    """Reduce one tile along AXIS and merge into the statistics of its anchors at int32
-    positions ``offs``; ``other_offs`` index the other side (global index: + ``base``).
-    Past the edges, ``offs`` fall in the launcher's padding: no masks anywhere.
-
-    No validity work: a MASKED tile comes with its invalid pairs set to SENTINEL. Float
-    max (NaN dropped), then the first index at it. The hinge argument is (margin + S) -
-    d_anchor, rounded as in the backward; activity is 1.0 / 0.0, the count its sum (exact:
-    at most the tile size), the hinge sum that of max(argument, 0) with NaN kept (one
-    float max per pair; the product argument x activity needs more registers, and spills
-    under triton 3.6). Keys and counts
-    merge with integer atomics (order-free). Results are merged as soon as known, so that
-    few reduced vectors are alive at once (registers).
-
-    Exact unless a hinge argument is NaN (a NaN score, d or margin, or inf - inf): it
-    makes the anchor's hinge sum NaN. MASKED, a max at or below SENTINEL (no valid pair, or -inf and
-    -FLT_MAX scores), or an extreme d or margin, sets it to NaN too. exact_fixup_kernel
-    recomputes every anchor whose merged hinge sum is NaN."""
+def merge_max(s, offs, other_offs, base, key_ptr, AXIS: tl.constexpr):
+    """Reduce one tile's scores along AXIS to the packed keys (tile.py) of its anchors at
+    int32 positions ``offs`` and merge them (integer atomics, order-free); ``other_offs``
+    index the other side (global index: + ``base``). Float max (NaN dropped), then the
+    first index at it. Returns the max (the masked path's hinge sums need it)."""
     best = tl.max(s, axis=AXIS)
     if AXIS == 1:
         first = tl.min(tl.where(s == best[:, None], other_offs[None, :], INT32_MAX), axis=1)
     else:
         first = tl.min(tl.where(s == best[None, :], other_offs[:, None], INT32_MAX), axis=0)
     tl.atomic_max(key_ptr + offs, packed_key(best, first, base), sem="relaxed")
+    return best
+
+
+@triton.jit
+def merge_hinges(
+    shifted, best, margin, d_ptr, offs, cnt_ptr, sum_ptr, slot_ptr, AXIS: tl.constexpr,
+    MASKED: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):  # fmt: skip
+    """Reduce one tile's ``shifted`` = margin + S along AXIS to the active counts and
+    hinge sums of its anchors at int32 positions ``offs`` and merge them. Past the edges,
+    ``offs`` fall in the launcher's padding: no masks anywhere.
+
+    The hinge argument is (margin + S) - d_anchor, rounded as in the backward; activity
+    is 1.0 / 0.0, the count its sum (exact: at most the tile size), the hinge sum that of
+    max(argument, 0) with NaN kept (one float max per pair; the product argument x
+    activity needs more registers). Counts merge with integer atomics.
+
+    Exact unless a hinge argument is NaN (a NaN score, d or margin, or inf - inf): it
+    makes the anchor's hinge sum NaN. MASKED, a max ``best`` at or below SENTINEL (no
+    valid pair, or -inf and -FLT_MAX scores), or an extreme d or margin, sets it to NaN
+    too. exact_fixup_kernel recomputes every anchor whose merged hinge sum is NaN."""
     d_anchor = tl.load(d_ptr + offs)
     if AXIS == 1:
-        arg = (margin + s) - d_anchor[:, None]
+        arg = shifted - d_anchor[:, None]
     else:
-        arg = (margin + s) - d_anchor[None, :]
+        arg = shifted - d_anchor[None, :]
     active = tl.where(arg > 0.0, 1.0, 0.0)
     tl.atomic_add(cnt_ptr + offs, tl.sum(active, axis=AXIS).to(tl.int32), sem="relaxed")
     hinge_sum = tl.sum(tl.maximum(arg, 0.0, propagate_nan=tl.PropagateNan.ALL), axis=AXIS)
@@ -172,13 +183,16 @@ def tile(
     if MASKED:
         s = masked_scores(s, row_offs, col_offs, b, N, row_offset, row_ids_ptr, col_ids_ptr,
                           HAS_IDS)  # fmt: skip
-    # Rows: first index among column offsets (global); columns: among row offsets, whose
-    # global index adds row_offset.
-    merge_direction(s, margin, col_pos_ptr + row_offset, row_offs, col_offs, row_offset * 0,
-                    row_key_ptr, row_cnt_ptr, row_sum_ptr, row_slot, 1, MASKED,
-                    DETERMINISTIC)  # fmt: skip
-    merge_direction(s, margin, col_pos_ptr, col_offs, row_offs, row_offset, col_key_ptr,
-                    col_cnt_ptr, col_sum_ptr, col_slot, 0, MASKED, DETERMINISTIC)  # fmt: skip
+    # Both directions' maxima first, then S is replaced by margin + S for the hinges: the
+    # two full tiles are never alive together (registers). Rows: first index among column
+    # offsets (global); columns: among row offsets, whose global index adds row_offset.
+    row_best = merge_max(s, row_offs, col_offs, row_offset * 0, row_key_ptr, 1)
+    col_best = merge_max(s, col_offs, row_offs, row_offset, col_key_ptr, 0)
+    shifted = margin + s
+    merge_hinges(shifted, row_best, margin, col_pos_ptr + row_offset, row_offs, row_cnt_ptr,
+                 row_sum_ptr, row_slot, 1, MASKED, DETERMINISTIC)  # fmt: skip
+    merge_hinges(shifted, col_best, margin, col_pos_ptr, col_offs, col_cnt_ptr, col_sum_ptr,
+                 col_slot, 0, MASKED, DETERMINISTIC)  # fmt: skip
     if DETERMINISTIC:
         # The next tile may read these slots from other threads of the program.
         tl.debug_barrier()
@@ -187,10 +201,14 @@ def tile(
 @triton.jit
 def masked_scores(s, row_offs, col_offs, b, N, row_offset, row_ids_ptr, col_ids_ptr,
                   HAS_IDS: tl.constexpr):  # fmt: skip
-    """S with its invalid pairs set to SENTINEL."""
+    """S with its invalid pairs (valid_pairs_mask) set to SENTINEL, the ids apart: with
+    one mask, its 64-bit column ids stay alive beside S and spill at 4 warps."""
     ok = valid_pairs_mask(row_offs, col_offs, b, N, row_offset, row_ids_ptr, col_ids_ptr,
-                          HAS_IDS)  # fmt: skip
-    return tl.where(ok, s, SENTINEL)
+                          False)  # fmt: skip
+    s = tl.where(ok, s, SENTINEL)
+    if HAS_IDS:
+        s = tl.where(other_ids(row_offs, col_offs, b, N, row_ids_ptr, col_ids_ptr), s, SENTINEL)
+    return s
 
 
 @triton.jit
@@ -351,7 +369,7 @@ def exact_fixup_kernel(
     UPCAST: tl.constexpr,
 ):
     """Exact statistics of the anchors whose hinge sum partials_kernel left NaN (see
-    merge_direction), replacing its values.
+    merge_hinges), replacing its values.
 
     Programs [0, n_row_blocks) take a block of rows, the others a block of columns; a
     block with such an anchor recomputes its whole row (column) of S tile by tile
