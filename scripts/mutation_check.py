@@ -229,9 +229,9 @@ MUTANTS = [
     ),
     Mutant(
         "gated-coefficient",
-        "selhn_ext/pipeline.py",
-        "col_up * saved.col_dense_weight",
-        "saved.col_dense_weight",
+        "selhn_ext/kernel_interface.py",
+        "self.col_upstream * self.col_dense_weight",
+        "self.col_dense_weight",
         ((EXACT, "-k", "chunked and zero"), (REF, "-k", "chunked")),
         "the gated caption anchors' coefficient skips the upstream gradient",
     ),
