@@ -2,6 +2,7 @@
 MMA inside one CTA on sm_90? Compile-only evidence (no GPU).
 
     python bench/sm90_features.py [--also /path/to/other/venv/bin/python] [--no-write]
+    python bench/sm90_features.py --what-if   # what the features would buy: MODEL only
 
 The forward's K loop is bound, in the roofline model (bench/static_model.py), by the L2
 traffic of its 128 x 128 operand tiles; a 256 x 128 tile cuts that traffic by a quarter
@@ -26,7 +27,11 @@ epilogue that either stores the tile or merges its row maxima with an atomic max
 forward's epilogue does), to tell the forward's structure apart from the feature.
 
 Rows go to bench/results/features_sm90.csv. No row is a time: the script decides nothing,
-it records what the compilers did.
+it records what the compilers did. ``--what-if`` prints, from the roofline model of
+bench/static_model.py (MODEL PREDICTIONS, never measurements), what either feature would
+buy if a kernel had it: 256 x 128 at 8 warps with its epilogue hidden under its own K loop
+(the larger of the two per tile instead of their sum), and the kept tile in a 2-CTA
+cluster multicasting its column tile (24 of its 32 KB per K step from L2).
 """
 
 from __future__ import annotations
@@ -180,7 +185,8 @@ def facts(compiled, log: str) -> dict:
     ctas = min(REGISTERS_PER_SM // regs, SHARED_PER_SM // max(shared, 1), WARPS_PER_SM // warps)
     cluster = re.search(r"\.reqnctapercluster (\d+)", ptx)
     return {
-        "compiled": "yes", "error": "", "regs": usage["regs"], "stack_bytes": usage["stack"],
+        "compiled": "yes", "error": "", "sass_instructions": len(opcodes),
+        "regs": usage["regs"], "stack_bytes": usage["stack"],
         "spill_store_bytes": int(spills.group(1)) if spills else "",
         "spill_load_bytes": int(spills.group(2)) if spills else "",
         "shared_bytes": shared, "total_warps": warps, "ctas_per_sm": ctas,
@@ -252,7 +258,8 @@ def summary(row: dict) -> str:
             f"{row.get('epilogue', ''):8}")  # fmt: skip
     if row["compiled"] == "no":
         return f"{head} FAILED: {row['error']}"
-    return (f"{head} regs {row['regs']} stack {row['stack_bytes']} spill "
+    return (f"{head} SASS {row['sass_instructions']} regs {row['regs']} stack "
+            f"{row['stack_bytes']} spill "
             f"{row['spill_store_bytes']}/{row['spill_load_bytes']} smem {row['shared_bytes']} "
             f"warps {row['total_warps']} CTAs/SM {row['ctas_per_sm']} cluster "
             f"{row['cluster_ctas']} HGMMA {row['hgmma']} {row['hgmma_shapes']} "
@@ -261,11 +268,69 @@ def summary(row: dict) -> str:
             f"{row['setmaxnreg_ptx']} atomics {row['atomics']}")  # fmt: skip
 
 
+def what_if() -> None:
+    """Print the model's forward and forward + backward ratios for the what-ifs (MODEL)."""
+    import dataclasses
+
+    import static_model
+    import tile_sweep
+    from static_profile import Profile
+
+    kept, wide = tile_sweep.kept_candidate(), tile_sweep.Candidate(256, 128, 64, 8, 3)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        results = tile_sweep.profile_candidates([kept, wide], tile_sweep.kept_backward_candidate())
+    profiles = [Profile(**r["profile"]) for r in results]
+    kept_backward = tile_sweep.kept_backward_candidate()
+    backward = next(
+        p for p in profiles if p.kernel == "weights_kernel"
+        and (p.BM, p.num_warps) == (kept_backward.BM, kept_backward.num_warps)
+    )  # fmt: skip
+    forward = {p.BM: p for p in profiles if p.kernel == "partials_kernel"}
+    label = static_model.FORWARD_MODEL_LABELS[0].format(dtype="bfloat16")
+
+    def show(name: str, forward: Profile) -> None:
+        rows = static_model.model_rows([dataclasses.replace(forward, label=label), backward])
+        rows = [r for r in rows if r["D"] == 1024 and r["device"] == rows[0]["device"]]
+        ratios = ", ".join(f"{r['gated_fraction']:.0%} {r['forward_backward_ratio']:.2f}x"
+                           for r in rows)  # fmt: skip
+        print(
+            f"  {name}: forward kernel {rows[0]['forward_kernel_ratio']:.2f}x; "
+            f"forward + backward at {ratios} ({rows[0]['device']}, triton {forward.triton})"
+        )
+
+    print("MODEL what-ifs, B = N = 16384, D = 1024, bf16 (not measurements):")
+    show(f"{kept.name} as compiled", forward[kept.BM])
+    show(f"{wide.name} as compiled", forward[wide.BM])
+    tile_seconds = static_model.tile_seconds
+
+    def overlapped(p, path, dim, device):  # the forward's tiles only
+        parts = tile_seconds(p, path, dim, device)
+        if p.kernel == "partials_kernel":
+            parts = dict(parts, tile=max(parts["main"], parts["epilogue"]))
+        return parts
+
+    def multicast(p, path, dim, device):  # the forward's operand bytes from L2: 24 of 32
+        if p.kernel == "partials_kernel":
+            device = dataclasses.replace(device, l2_bytes_per_s=device.l2_bytes_per_s * 32 / 24)
+        return tile_seconds(p, path, dim, device)
+
+    try:
+        static_model.tile_seconds = overlapped
+        show(f"{wide.name}, epilogue hidden under its K loop", forward[wide.BM])
+        static_model.tile_seconds = multicast
+        show(f"{kept.name}, column tile multicast to a 2-CTA cluster", forward[kept.BM])
+    finally:
+        static_model.tile_seconds = tile_seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--also", action="append", default=[], metavar="PYTHON",
                         help="also compile under this interpreter (another triton)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="write no CSV")
+    parser.add_argument("--what-if", action="store_true",
+                        help="print the model's what-ifs (MODEL) instead of compiling")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -274,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.one:
         run_one(json.loads(args.one), Path(args.out))
+        return 0
+    if args.what_if:
+        what_if()
         return 0
     print("sm_90 compiles of the cluster and warp-specialization candidates (no times)")
     rows = []
