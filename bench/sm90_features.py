@@ -24,7 +24,9 @@ of it whose loops carry the option (``ws_copy``: a textual edit of forward_kerne
 and tile.py into a temporary folder; the library's source is not changed); and a minimal
 persistent TMA-descriptor matmul (``probe_kernel``: the same loads and K loop, an
 epilogue that either stores the tile or merges its row maxima with an atomic max, as the
-forward's epilogue does), to tell the forward's structure apart from the feature.
+forward's epilogue does), to tell the forward's structure apart from the feature; and a
+trivial Gluon kernel (``gluon_probe_kernel``) with explicit warp specialization and worker
+register counts, the route that remains (its row: does Hopper lower it, with setmaxnreg).
 
 Rows go to bench/results/features_sm90.csv. No row is a time: the script decides nothing,
 it records what the compilers did. ``--what-if`` prints, from the roofline model of
@@ -54,6 +56,8 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests"), str(REPO)]
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
 
 FEATURES_CSV = REPO / "bench" / "results" / "features_sm90.csv"
 HEADLINE_FORWARD = "partials torch.bfloat16 ieee ids=False deterministic=False tma=True"
@@ -86,6 +90,31 @@ def probe_kernel(a_ptr, b_ptr, out_ptr, M, N, K, BM: tl.constexpr, BN: tl.conste
             tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc)
 
 
+@gluon.jit
+def gluon_fill(ptr, value, BLOCK: gl.constexpr, WARPS: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    offs = gl.arange(0, BLOCK, layout=layout)
+    gl.store(ptr + offs, gl.full([BLOCK], value, gl.float32, layout))
+
+
+@gluon.jit
+def gluon_default_partition(ptr, BLOCK: gl.constexpr):
+    gluon_fill(ptr, 1.0, BLOCK, 4)
+
+
+@gluon.jit
+def gluon_worker_partition(ptr, BLOCK: gl.constexpr):
+    gluon_fill(ptr + BLOCK, 2.0, BLOCK, 1)
+
+
+@gluon.jit
+def gluon_probe_kernel(ptr, BLOCK: gl.constexpr):
+    """Explicit warp specialization (the route left, see the README): a default
+    partition of 4 warps and a 1-warp worker with 40 registers, each storing a block."""
+    gl.warp_specialize([(gluon_default_partition, (ptr, BLOCK)),
+                        (gluon_worker_partition, (ptr, BLOCK))], [1], [40])  # fmt: skip
+
+
 # (kernel, variant, BM, BN, num_warps, compiler options, warp-specialized loops, epilogue)
 CANDIDATES = (
     ("partials_kernel", "kept", 128, 128, 4, {}, "", ""),
@@ -106,6 +135,7 @@ CANDIDATES = (
     ("probe_kernel", "ws", 64, 128, 4, {}, "k", "row_max"),
     ("probe_kernel", "ws", 128, 128, 4, {}, "k", "row_max"),
     ("probe_kernel", "ws", 256, 128, 4, {}, "k", "row_max"),
+    ("gluon_probe_kernel", "gluon ws", 128, 0, 4, {}, "explicit", "store"),
 )
 
 # The two loops of the forward that ws_copy marks: the K loop of every S tile, and the
@@ -152,6 +182,8 @@ def compile_candidate(kernel, BM, BN, num_warps, options, loops, epilogue, folde
             fn = ws_copy(folder, loops)
         constexprs = dict(constexprs, BM=BM, BN=BN)
         return compile_with_report(fn, types, constexprs, num_warps, num_stages, **options)
+    if kernel == "gluon_probe_kernel":
+        return compile_gluon_probe(BM, num_warps)
     types = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32", "N": "i32",
              "K": "i32"}  # fmt: skip
     constexprs = dict(BM=BM, BN=BN, BK=64, WS_K=loops == "k", WS_TILES=loops == "tiles",
@@ -163,6 +195,24 @@ def compile_candidate(kernel, BM, BN, num_warps, options, loops, epilogue, folde
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = compile_one(probe_kernel, types, constexprs, num_warps, 3, 90, **options)
+    return compiled, log.getvalue()
+
+
+def compile_gluon_probe(block: int, num_warps: int):
+    """(compiled gluon_probe_kernel, ptxas report) for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    params = inspect.signature(GluonASTSource.__init__).parameters
+    key = "constexprs" if "constexprs" in params else "constants"
+    source = GluonASTSource(gluon_probe_kernel, {"ptr": "*fp32", "BLOCK": "constexpr"},
+                            **{key: {"BLOCK": block}})  # fmt: skip
+    target = GPUTarget("cuda", 90, 32)
+    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=target, options=options.__dict__)
     return compiled, log.getvalue()
 
 
@@ -204,7 +254,7 @@ def run_one(candidate: list, out: Path) -> None:
     """Compile one candidate (called in its own process); write its row as JSON."""
     kernel, variant, BM, BN, num_warps, options, loops, epilogue = candidate
     row = {"triton": triton.__version__, "kernel": kernel, "variant": variant,
-           "tile": f"{BM}x{BN}x64", "num_warps": num_warps,
+           "tile": f"{BM}x{BN}x64" if BN else f"block {BM}", "num_warps": num_warps,
            "options": " ".join(f"{k}={v}" for k, v in options.items()),
            "warp_specialized_loop": loops, "epilogue": epilogue or "forward"}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
