@@ -246,6 +246,7 @@ def facts(compiled, log: str) -> dict:
         "multicast_ptx": ptx.count(".multicast::cluster"),
         "warp_specialize_ttgir": compiled.asm["ttgir"].count("ttg.warp_specialize"),
         "setmaxnreg_ptx": len(re.findall(r"setmaxnreg\.", ptx)),
+        "setmaxreg_sass": sass["USETMAXREG"],
         "atomics": sass["ATOMG"] + sass["REDG"] + sass["RED"] + sass["ATOM"],
     }  # fmt: skip
 
@@ -315,7 +316,8 @@ def summary(row: dict) -> str:
             f"{row['cluster_ctas']} HGMMA {row['hgmma']} {row['hgmma_shapes']} "
             f"UTMALDG {row['tma_loads']} multicast {row['multicast_sass']}/"
             f"{row['multicast_ptx']} ws-op {row['warp_specialize_ttgir']} setmaxnreg "
-            f"{row['setmaxnreg_ptx']} atomics {row['atomics']}")  # fmt: skip
+            f"{row['setmaxnreg_ptx']}/{row['setmaxreg_sass']} atomics "
+            f"{row['atomics']}")  # fmt: skip
 
 
 def what_if() -> None:
