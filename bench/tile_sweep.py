@@ -93,13 +93,14 @@ def kept_candidate() -> Candidate:
 
 
 def kept_backward_candidate() -> Candidate:
-    """The configuration the backward's S recompute launches with now (bf16)."""
+    """The configuration the backward's S recompute launches with now (bf16, no ids: the
+    warps the launcher gives weights_kernel without ids)."""
     import torch
 
     from selhn_ext._triton.config import CONFIGS
 
     cfg = CONFIGS[torch.bfloat16]
-    return Candidate(cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages)
+    return Candidate(cfg.BM, cfg.BN, cfg.BK, cfg.backward_warps(False), cfg.num_stages)
 
 
 def backward_candidates(candidates, kept: Candidate) -> list[Candidate]:

@@ -27,7 +27,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from selhn_ext._triton import backward_kernels, forward_kernels, glue_kernels  # noqa: E402
+from selhn_ext._triton import (  # noqa: E402
+    backward_kernels,
+    compaction_kernels,
+    forward_kernels,
+    glue_kernels,
+)
 from selhn_ext._triton.backward import COMPACT_BLOCK, GEMM_CONFIGS  # noqa: E402
 from selhn_ext._triton.config import CONFIGS, precision  # noqa: E402
 from selhn_ext._triton.glue import FINALIZE_BLOCK, INIT_BLOCK, KEYS_BLOCK  # noqa: E402
@@ -142,8 +147,8 @@ def specializations(quick: bool = False):
         "row_weight_ptr": "*fp32", "col_weight_ptr": "*fp32", "state_ptr": "*i32",
         "blocks_ptr": "*i32",
     }  # fmt: skip
-    for fn, factored in product((backward_kernels.count_kernel, backward_kernels.compact_kernel),
-                                (False, True)):  # fmt: skip
+    compaction = (compaction_kernels.count_kernel, compaction_kernels.compact_kernel)
+    for fn, factored in product(compaction, (False, True)):
         types = _types(fn, {k: v for k, v in pointers.items() if k in fn.arg_names}, ())
         yield f"{fn.__name__} factored={factored}", fn, types, \
             {"BLOCK": COMPACT_BLOCK, "FACTORED": factored}, 4, 1  # fmt: skip

@@ -1,9 +1,10 @@
 """Backend ``triton``: fused Triton kernels behind the kernel interface.
 
     tile.py               @triton.jit building blocks shared by every kernel (S tile,
-                          validity, packed max keys, hinge)
+                          K step, packed max keys' format)
     forward_kernels.py    the forward kernel (row and column statistics in one pass)
-    backward_kernels.py   compaction, W panels and gradient products of the gated anchors
+    compaction_kernels.py the backward's compaction (gated anchors first, counts, scale)
+    backward_kernels.py   W panels and gradient products of the gated anchors
     config.py             block configurations, grid splits, test switches
     forward.py            the forward launcher (``partials``)
     backward.py           the backward launchers (``dense_backward``, ``compact``)

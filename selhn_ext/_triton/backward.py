@@ -1,5 +1,6 @@
-"""Launcher of the backward kernels (backward_kernels.py): the off-diagonal gradient of the
-gated anchors, with one S recompute per touched tile and the products on tensor cores.
+"""Launcher of the backward kernels (compaction_kernels.py, backward_kernels.py): the
+off-diagonal gradient of the gated anchors, with one S recompute per touched tile and the
+products on tensor cores.
 
 Launches, all on one stream and none sized by a device-side count (no host sync):
 
@@ -29,7 +30,7 @@ import triton
 from torch import Tensor
 
 from ..kernel_interface import Block, GatedAnchors, GatedFactors
-from . import backward_kernels
+from . import backward_kernels, compaction_kernels
 from .config import (
     block_config,
     check_block,
@@ -137,11 +138,11 @@ def compact(
     coefs = (row_coef, row_factor, col_coef, col_factor)
     flags = (_flags(row_gated), _flags(col_gated))
     factored = factors is not None
-    backward_kernels.count_kernel[(count_programs,)](
+    compaction_kernels.count_kernel[(count_programs,)](
         *flags, *coefs, per_block, state, STATE_HEADER + launches, b, n_cols,
         FACTORED=factored, BLOCK=COMPACT_BLOCK,
     )  # fmt: skip
-    backward_kernels.compact_kernel[(blocks,)](
+    compaction_kernels.compact_kernel[(blocks,)](
         *flags, *coefs, row_order, col_order, row_weight, col_weight, state, per_block, b,
         n_cols, FACTORED=factored, BLOCK=COMPACT_BLOCK,
     )  # fmt: skip
@@ -176,8 +177,8 @@ def accumulators(b: int, n_cols: int, dim: int, device: torch.device) -> tuple[T
 def written_or_zero(acc: DenseAccumulators) -> tuple[Tensor, Tensor]:
     """The full gradients: rows the backward never wrote set to zero, on the device (the
     rule of "First writes" in backward_kernels.py; glue_kernels.py's _dense_term too)."""
-    gated_rows = acc.state[backward_kernels.GATED_ROWS.value]  # 0-d views, no sync
-    gated_cols = acc.state[backward_kernels.GATED_COLS.value]
+    gated_rows = acc.state[compaction_kernels.GATED_ROWS.value]  # 0-d views, no sync
+    gated_cols = acc.state[compaction_kernels.GATED_COLS.value]
     row_written = (acc.row_gated != 0) | (gated_cols > 0)
     col_written = (gated_rows > 0) | ((acc.col_gated != 0) & (gated_rows < acc.rows.shape[0]))
     return (

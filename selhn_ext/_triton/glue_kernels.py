@@ -260,7 +260,8 @@ def _dense_term(
 ):  # fmt: skip
     """0 + the dense gradient's row i (fp32, on the columns ``k`` of D). WHERE_WRITTEN: the
     row is read only if the dense backward wrote it (the rule of "First writes" in
-    backward_kernels.py; the gated counts are the first two entries of its state)."""
+    backward_kernels.py; the gated counts are the first two entries of the state of
+    compaction_kernels.py)."""
     k_ok = k < D
     acc = tl.zeros(k.shape, dtype=tl.float32)
     if HAS_DENSE:

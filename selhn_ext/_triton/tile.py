@@ -1,4 +1,4 @@
-"""Shared Triton building blocks of the SelHN kernels: one S tile, validity, packed keys.
+"""Shared Triton building blocks of the SelHN kernels: one S tile, the packed keys' format.
 
 No kernel stores S. Every tile is computed by ``score_tile_at`` with the same block shape
 and K-loop order, in the forward (tensor descriptors where the layout allows, else
@@ -105,16 +105,3 @@ def score_tile(
         rows_ptr, cols_ptr, 0, 0, row_mem, col_mem, row_ok, col_ok, D,
         stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST, False,
     )  # fmt: skip
-
-
-@triton.jit
-def valid_pairs(
-    row_glob, col_glob, row_ok, col_ok, row_ids_ptr, col_ids_ptr, row_loc, col_mem, HAS_IDS
-):
-    """Valid negatives of a tile: in bounds, off the positive, and (with ids) other ids."""
-    valid = row_ok[:, None] & col_ok[None, :] & (row_glob[:, None] != col_glob[None, :])
-    if HAS_IDS:
-        rid = tl.load(row_ids_ptr + row_loc, mask=row_ok, other=0)
-        cid = tl.load(col_ids_ptr + col_mem, mask=col_ok, other=0)
-        valid = valid & (rid[:, None] != cid[None, :])
-    return valid
