@@ -188,10 +188,23 @@ void tail_block(int64_t rows, const typename Ops::T* a, const typename Ops::T* b
   }
 }
 
+// Asks for the rows x cols block of c at ``c`` (stride ldc) to be brought into the cache.
+template <typename T>
+inline void prefetch_block(const T* c, int64_t rows, int64_t cols, int64_t ldc) {
+#if defined(__GNUC__)
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(c + r * ldc + j, 1, 3);
+  }
+#endif
+}
+
 // c (m x n, stride ldc) = (from_zero ? 0 : c) + A @ B over K steps, A given in blocks of MR
 // rows (block stride a_block values, element (r, k) of a block at r * RS + k * KS) and B
 // as NR-wide k-major slices (slice stride b_slice). Slices outer, row blocks inner: each
-// slice block is reused from L1 by every row block.
+// slice block is reused from L1 by every row block. A gradient product reads each c line
+// once, from L2 or L3, so each micro block first asks for the next one's c lines, which
+// then arrive while it runs instead of stalling the next block's start.
 template <class Ops, int64_t RS, int64_t KS>
 void multiply_blocks(const typename Ops::T* a, int64_t a_block, int64_t m,
                      const typename Ops::T* b, int64_t b_slice, int64_t n, int64_t K,
@@ -202,6 +215,11 @@ void multiply_blocks(const typename Ops::T* a, int64_t a_block, int64_t m,
     const auto* slice = b + (j0 / NR) * b_slice;
     const int64_t cols = std::min(NR, n - j0);
     for (int64_t i = 0; i < m; i += MR) {
+      if (!from_zero && i + MR < m) {
+        prefetch_block(c + (i + MR) * ldc + j0, std::min<int64_t>(MR, m - i - MR), cols, ldc);
+      } else if (!from_zero && j0 + NR < n) {
+        prefetch_block(c + j0 + NR, std::min<int64_t>(MR, m), std::min(NR, n - j0 - NR), ldc);
+      }
       const auto* a_rows = a + (i / MR) * a_block;
       if (i + MR <= m) {
         micro_block<Ops, MR, RS, KS>(a_rows, slice, K, from_zero, c + i * ldc + j0, cols, ldc);
