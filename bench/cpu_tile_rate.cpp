@@ -18,7 +18,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int64_t kBlockCols = 128;  // the row stride of a tile's weights (selhn_cpu.h)
+constexpr int64_t kBlockCols = 128;  // as in selhn_cpu.h
+template <typename T>
+constexpr int64_t weight_stride() {
+  return kBlockCols + 64 / static_cast<int64_t>(sizeof(T));
+}
 #include "selhn_cpu_avx2_ops.h"
 #include "selhn_s_tile_simd.h"
 
@@ -110,7 +114,8 @@ int main() {
 
   // Backward products: weights (as the A panels) times strips of the other side.
   // The gradient rows of a row group (GROUP tiles of BM x D), as W @ cols meets them.
-  std::vector<float> w(BM * BN), strips(cols_room), grad(GROUP * BN * D, 0.0f);
+  std::vector<float> w(BM * avx2::weight_stride<float>()), strips(cols_room);
+  std::vector<float> grad(GROUP * BN * D, 0.0f);
   for (size_t k = 0; k < w.size(); ++k) w[k] = float(k % 5) * 0.01f;
   avx2::pack_strips<Ops>(cols.data(), BN, D, strips.data());
   const int reps = 64;

@@ -30,6 +30,13 @@ namespace selhn::cpu {
 // inside a tile is chosen per instruction set (selhn_s_tile_simd.h).
 constexpr int64_t kBlockRows = 64;   // BM
 constexpr int64_t kBlockCols = 128;  // BN
+// The row stride of a tile's weights (kBlockRows x kBlockCols), one cache line more than
+// its columns: W.T @ rows walks W down its columns, and at a power-of-two stride those
+// lines would all fall into an eighth of the L1 cache's sets and evict each other.
+template <typename T>
+constexpr int64_t weight_stride() {
+  return kBlockCols + 64 / static_cast<int64_t>(sizeof(T));
+}
 // Row hinge sums within a tile run in 16 interleaved chains (column j mod 16).
 constexpr int kSumLanes = 16;
 
@@ -156,7 +163,8 @@ struct TileKernels {
                ColumnTileStats<T>* col_stats);
   // The dense backward weights of a tile: W_ij = row_coef_i * [row hinge active] +
   // col_coef_j * [column hinge active] on valid pairs (coefficients 0 for anchors that are
-  // not gated), written row-major into w (kBlockRows x kBlockCols), the A operand of both
+  // not gated), written row-major into w (kBlockRows x kBlockCols, row stride
+  // weight_stride<T>()), the A operand of both
   // gradient products. Returns false when every weight is zero.
   bool (*weights)(const Problem<T>& p, const Tile<T>& t, const T* row_coef, const T* col_coef,
                   T* w);

@@ -43,7 +43,7 @@ struct WeightPass {
   }
   std::unique_ptr<Local> begin(int thread) {
     auto local = std::make_unique<Local>();
-    local->w.resize(kBlockRows * kBlockCols);
+    local->w.resize(kBlockRows * weight_stride<T>());
     local->grad_cols = grad_cols;
     if (grad_cols != nullptr && col_buffers != nullptr && thread > 0) {
       col_buffers[thread] = at::zeros({p.n, p.dim}, at::CPU(c10::CppTypeToScalarType<T>::value));

@@ -145,7 +145,8 @@ void fold_tile(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
 
 // W_ij = (+0 + row_coef_i [row hinge active]) + col_coef_j [column hinge active] on valid
 // pairs, +0 elsewhere: the order in which dense_pair_weight adds them. Written row-major
-// with row stride kBlockCols (whole vectors, so lanes past the tile's columns hold +0): the
+// with row stride weight_stride<T>() (whole vectors, so lanes past the tile's columns hold
+// +0): the
 // A operand of add_product, read as W for W @ cols and as W.T for W.T @ rows.
 template <class F>
 bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
@@ -155,7 +156,7 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
   using V = typename F::V;
   using M = typename F::M;
   constexpr int L = F::L;
-  static_assert(kBlockCols % L == 0, "whole vectors of weights are stored");
+  static_assert(kBlockCols % L == 0 && weight_stride<T>() % L == 0, "whole vectors of weights");
   const V margin = F::set1(p.margin), zero = F::zero();
   M any = F::none();
   for (int64_t i = 0; i < t.nr; ++i) {
@@ -174,7 +175,7 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
       const V weight = F::add(F::add(zero, F::select(row_active, rc, zero)),
                               F::select(col_active, cc, zero));
       any = F::or_(any, F::and_(exists, F::nonzero(weight)));
-      F::store(w + i * kBlockCols + j, weight);
+      F::store(w + i * weight_stride<T>() + j, weight);
     }
   }
   return F::count(any) > 0;

@@ -246,14 +246,15 @@ void multiply_packed(const typename Ops::T* rows, int64_t na, const typename Ops
 }
 
 // The gradient products: c (m x dim, stride dim) += A @ b, with A = W (m x K) or W.T, W the
-// tile's weights row-major with row stride kBlockCols (as tile_weights writes them), and b
-// (K x dim) as NR-wide strips (pack_strips). The micro blocks broadcast A's elements
+// tile's weights row-major with row stride weight_stride<T>() (as tile_weights writes
+// them), and b (K x dim) as NR-wide strips (pack_strips). The micro blocks broadcast A's elements
 // straight from W, so one buffer serves both products. Each c element continues its own
 // FMA chain over k = 0 .. K-1.
 template <class Ops>
 void add_product(const typename Ops::T* w, bool transposed, int64_t m, int64_t K,
                  const typename Ops::T* b, int64_t dim, typename Ops::T* c) {
-  constexpr int64_t MR = Ops::MR, NR = panel_width<Ops>(), WS = kBlockCols;
+  constexpr int64_t MR = Ops::MR, NR = panel_width<Ops>();
+  constexpr int64_t WS = weight_stride<typename Ops::T>();
   if (transposed) {  // A(r, k) = W(k, r)
     multiply_blocks<Ops, 1, WS>(w, MR, m, b, K * NR, dim, K, false, c, dim);
   } else {  // A(r, k) = W(r, k)
