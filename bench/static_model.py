@@ -52,8 +52,14 @@ DIMS = (256, 1024)  # embedding sizes of the profile's rows and of the model
 #   backward 21 and 54, about 3.8 GB.
 # - Backward (the "panels" variant, selhn_ext/_triton/backward_kernels.py): with a
 #   fraction f of the anchors gated on each side, weights_kernel recomputes the S tiles
-#   touching a gated anchor once (gated rows x every column, other rows x gated columns:
-#   (2 f - f^2) B^2 / (BM BN) tiles) at the rate its profile gives; products_kernel does
+#   touching a gated anchor once (part A, gated rows x every column: f B^2 / (BM BN)
+#   tiles; part B, other rows x gated columns: (f - f^2) B^2 / (BM BN)) at the rate its
+#   profile gives for each part's code (a profile from before the parts had their own
+#   code runs every tile through its one tile loop). Its occupancy comes from the profile
+#   like the forward's: at 4 warps (bf16/fp16 without ids, no spills) two CTAs share an
+#   SM, so a tile costs the larger of its K loop and its epilogue; at 8 warps (before,
+#   and with ids) one CTA, the sum. The K-split sums of the gated-side products (their
+#   own loop in weights_kernel, O(f B D) bytes) are not counted. products_kernel does
 #   two GEMMs per part, (4 f - 2 f^2) x 2 B^2 D flops in all, at the torch.mm efficiency
 #   (MM_EFFICIENCY of peak; its profile is not tile-shaped, so not counted here).
 # ---------------------------------------------------------------------------------------
@@ -141,6 +147,23 @@ def grid_seconds(p: Profile, tiles: float, masked_tiles: float, dim, device) -> 
     return math.ceil(tiles / slots) * slots / device.sms * mean
 
 
+def backward_tiles_seconds(p: Profile, frac: float, b: int, dim, device) -> float:
+    """weights_kernel's S tiles at gated fraction ``frac``: parts A and B at their own
+    paths' rates, in whole waves of resident CTAs."""
+    whole = b * b / (p.BM * p.BN)  # tiles of all of S
+    tiles = {"part_a": math.ceil(frac * whole), "part_b": math.ceil((frac - frac**2) * whole)}
+    total = sum(tiles.values())
+    if total <= 0:
+        return 0.0
+    only = next(iter(p.epilogue))
+    seconds = sum(
+        tile_seconds(p, path if path in p.epilogue else only, dim, device)["tile"] * count
+        for path, count in tiles.items()
+    )
+    slots = device.sms * resident_ctas(p)
+    return math.ceil(total / slots) * slots / device.sms * seconds / total
+
+
 def diagonal_tiles(b: int, bm: int, bn: int) -> int:
     """Tiles of a b x b grid of bm x bn tiles that hold a diagonal element or an edge."""
     count = 0
@@ -172,9 +195,8 @@ def model_rows(profiles: list[Profile]) -> list[dict]:
             fwd_s = grid_seconds(fwd, tiles, diagonal_tiles(b, fwd.BM, fwd.BN), dim, device)
             bwd_s = math.nan
             if weights is not None:
-                touched = (2 * frac - frac * frac) * b * b / (weights.BM * weights.BN)
                 products = (4 * frac - 2 * frac * frac) * mm
-                bwd_s = grid_seconds(weights, math.ceil(touched), 0, dim, device) + products
+                bwd_s = backward_tiles_seconds(weights, frac, b, dim, device) + products
             glue = {}
             for direction in ("forward", "backward"):
                 size = b * dim / (16384 * 1024)

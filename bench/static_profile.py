@@ -24,7 +24,10 @@ How instructions are attributed (documented, because every count depends on it):
   D / BD times per tile.
 - Epilogue = instructions of the tile loop outside its K loop and inner loops. A kernel
   with several tile loops (the forward: one for interior tiles, one for masked tiles)
-  reports each as a *path* (``PATH_MARKERS``).
+  reports each as a *path* (``PATH_MARKERS``). A tile loop may also hold several K loops,
+  one per path, each tile running one of them (the backward's parts A and B): a path's
+  region then counts its own K loop and the instructions of the tile loop that are its
+  own or shared, never another path's (told apart by the marker functions).
 - Per S element = per-warp static count x 32 lanes x warps / (BM x BN): thread
   instructions per element when every instruction of the tile loop runs once per tile
   (branches inside it are counted as taken). The K loop's count per iteration is
@@ -87,10 +90,14 @@ MMA_OPCODES = frozenset(PIPES["tensor"].split())
 TMA_LOAD_OPCODES = frozenset(("UTMALDG", "UBLKCP"))
 ATOMIC_OPCODES = frozenset(("ATOM", "ATOMG", "RED", "REDG"))
 
-# A kernel's tile loops are told apart by a jit function only one of them calls: path
-# name -> that function (for the forward: the tiles with invalid pairs). A loop with
-# none is "interior" in such a kernel, "all" in the others; further loops get a number.
-PATH_MARKERS = {"partials_kernel": {"masked": "masked_scores"}}
+# A kernel's tile loops (or K loops) are told apart by a jit function only one of them
+# calls: path name -> that function (for the forward: the tiles with invalid pairs; for
+# the backward: its parts). A loop with none is "interior" in such a kernel, "all" in the
+# others; further loops get a number.
+PATH_MARKERS = {
+    "partials_kernel": {"masked": "masked_scores"},
+    "weights_kernel": {"part_a": "_part_a_tile", "part_b": "_part_b_tile"},
+}
 # The S product: instructions from these functions form the main loop.
 MAIN_LOOP_FUNCTIONS = frozenset(("score_tile", "score_tile_at", "load_k_step"))
 
@@ -231,12 +238,16 @@ def find_regions(instructions: list[Instruction]) -> list[Regions]:
     for k_span in sorted(k_spans):
         around = [s for s in spans if s[0] <= k_span[0] and k_span[1] <= s[1] and s != k_span]
         tile = around[0] if around else k_span
+        # Another K loop in the same tile loop is another path's, not an inner loop.
         inner = [
-            s for s in spans if tile[0] <= s[0] and s[1] <= tile[1] and s not in (tile, k_span)
-        ]
+            s for s in spans
+            if tile[0] <= s[0] and s[1] <= tile[1] and s != tile and s not in k_spans
+        ]  # fmt: skip
         regions = Regions(flattened=tile == k_span)
         for i in range(tile[0], tile[1] + 1):
             in_k = is_main(instructions[i]) if regions.flattened else k_span[0] <= i <= k_span[1]
+            if not in_k and any(s[0] <= i <= s[1] for s in k_spans):
+                continue  # another path's K loop
             if in_k:
                 regions.k_loop.append(i)
             elif any(s[0] <= i <= s[1] for s in inner):
@@ -381,11 +392,18 @@ def profile_one(label, fn, types, constexprs, num_warps, num_stages, lines, **op
     loops_by_path = {}
     markers = PATH_MARKERS.get(fn.__name__, {})
     for number, regions in enumerate(find_regions(instructions)):
-        path = next((name for name, f in markers.items() if f in regions.functions), None)
+        k_functions = {name for i in regions.k_loop for name in instructions[i].functions}
+        path = next((name for name, f in markers.items() if f in k_functions), None)
+        if path is None:
+            path = next((name for name, f in markers.items() if f in regions.functions), None)
         if path is None:
             path = "interior" if markers else "all"
         if path in loops_by_path:
             path = f"{path}{number}"
+        others = {f for name, f in markers.items() if name != path}
+        regions.epilogue = [
+            i for i in regions.epilogue if others.isdisjoint(instructions[i].functions)
+        ]
         loops_by_path[path] = regions
     # The K loop and MMA work of the first path's loop (all loops run the same S product).
     main = next(iter(loops_by_path.values()), Regions())

@@ -274,8 +274,8 @@ MUTANTS = [
     Mutant(
         "hinge-at-zero-triton-backward",
         "selhn_ext/_triton/backward_kernels.py",
-        "shifted - d_row[:, None] > 0.0)",
-        "shifted - d_row[:, None] >= 0.0)",
+        "shifted - d_row[:, None] > 0.0,",
+        "shifted - d_row[:, None] >= 0.0,",
         ((EXACT, "-k", "triton and zero"),),
         "the Triton backward recomputes a row hinge at exactly zero as active",
     ),

@@ -3,7 +3,8 @@ bench/static_profile.py compiles it ahead of time and reads the cubin.
 
 Fails if the bf16 or fp16 forward spills or uses stack, if it loses wgmma or its TMA
 loads, or if the interior tiles' epilogue at D = 1024 takes more than 20 integer/logic
-(ALU pipe) thread instructions per S element.
+(ALU pipe) thread instructions per S element; or if the backward's S recompute without
+ids spills or no longer fits two CTAs per SM.
 """
 
 from __future__ import annotations
@@ -46,6 +47,32 @@ def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
     for row in static_rows(profiles):
         if row["D"] == 1024 and row["path"] == "interior":
             assert 0 < row["epi_alu"] <= EPILOGUE_ALU_LIMIT, row
+
+
+@pytest.mark.slow
+@pytest.mark.backend("triton")
+def test_backward_s_recompute_fits_two_ctas_per_sm_without_spills(tmp_path):
+    """weights_kernel, bf16 and fp16 without ids, as launched: no spill or stack, wgmma,
+    two CTAs per SM, and one epilogue path per part (A, B)."""
+    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    out = tmp_path / "profiles.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [sys.executable, SCRIPT, "--kernels", "weights_kernel", "--dtypes", "bf16,fp16",
+            "--select", "ids=False", "--json-out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from static_model import resident_ctas
+    from static_profile import Profile
+
+    profiles = [Profile(**item) for item in json.loads(out.read_text())]
+    assert sorted(p.dtype for p in profiles) == ["bfloat16", "float16"]
+    for p in profiles:
+        assert (p.stack_bytes, p.spill_store_bytes, p.spill_load_bytes) == (0, 0, 0), p.label
+        assert p.wgmma and p.num_warps == 4, p.label
+        assert resident_ctas(p) == 2, (p.label, p.regs, p.shared_bytes)
+        assert set(p.epilogue) == {"part_a", "part_b"}, p.label
 
 
 @pytest.mark.backend("triton")

@@ -122,8 +122,8 @@ def specializations(quick: bool = False):
                 blocks, GM=gemm.GM, GD=gemm.GD, HAS_IDS=has_ids, COUNT_TILES=False,
                 REVERSE=False,
             )  # fmt: skip
-            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, cfg.num_warps, \
-                cfg.num_stages  # fmt: skip
+            yield label, fn, _types(fn, pointers, ("margin",)), constexprs, \
+                cfg.backward_warps(has_ids), cfg.num_stages  # fmt: skip
         fn = backward_kernels.products_kernel
         pointers = {
             "rows_ptr": data, "cols_ptr": data, "row_order_ptr": "*i32", "col_order_ptr": "*i32",

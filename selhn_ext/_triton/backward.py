@@ -96,10 +96,10 @@ def panel_size(dim: int, n_anchors: int) -> int:
 VARIANTS = ("panels",)
 
 
-def persistent_programs(device: torch.device) -> int:
-    """One program per SM (each kernel holds one CTA per SM), or CPU_PROGRAMS."""
+def persistent_programs(device: torch.device, per_sm: int = 1) -> int:
+    """``per_sm`` programs per SM (as many as fit at once), or CPU_PROGRAMS."""
     sms = sm_count(device)
-    return CPU_PROGRAMS if sms is None else sms
+    return CPU_PROGRAMS if sms is None else per_sm * sms
 
 
 def compact(
@@ -260,11 +260,13 @@ def _accumulate(
     ws_a = torch.empty(panel * dim, dtype=torch.float32, device=device)
     ws_b = torch.empty(panel * dim, dtype=torch.float32, device=device)
     counter = testing.tile_counter
-    programs = persistent_programs(device)
+    programs = persistent_programs(device)  # products_kernel: one CTA per SM fits
+    # weights_kernel at 4 warps (no ids) fits two CTAs per SM (bench/static_profile.py).
+    weight_programs = persistent_programs(device, 2 if cfg.backward_warps(has_ids) == 4 else 1)
     prec, up = precision(rows.dtype, allow_tf32), upcast(rows.dtype)
     strides = (rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1))
     for step in range(steps + 1):
-        backward_kernels.weights_kernel[(programs,)](
+        backward_kernels.weights_kernel[(weight_programs,)](
             rows, cols, col_pos, row_ids_t, col_ids_t, row_weight, col_weight,
             row_order, col_order, state, w_a, w_b, ws_a, ws_b, grad_rows, grad_cols,
             counter if counter is not None else state,
@@ -274,7 +276,7 @@ def _accumulate(
             REVERSE=testing.reverse_block_order,
             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GM=gemm.GM, GD=gemm.GD,
             PRECISION=prec, UPCAST=up,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.backward_warps(has_ids), num_stages=cfg.num_stages,
         )  # fmt: skip
         if step == steps:  # the last launch only adds the last step's partial products
             break

@@ -50,7 +50,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile import mma, score_tile, valid_pairs
+from .tile import mma, score_tile
 
 # The int32 state written by compact_kernel and read by every later launch.
 GATED_ROWS = tl.constexpr(0)
@@ -59,6 +59,9 @@ SCALE_BITS = tl.constexpr(2)  # fp32 bits of the scale (0 until the compaction s
 TICKETS = tl.constexpr(4)  # state[TICKETS + launch]: the next work item of each launch
 SPLIT_MAX = tl.constexpr(8)  # at most this many K splits of a gated-side product tile
 SMALLEST_NORMAL = tl.constexpr(2.0**-126)  # fp32
+# Columns per tile of the sums of K splits: GM x SUM_COLS fp32, the running sum and one
+# loaded split in registers (128 x 128 at 4 warps would spill).
+SUM_COLS = tl.constexpr(64)
 
 
 @triton.jit
@@ -88,20 +91,12 @@ def count_kernel(
     row_blocks = tl.cdiv(b, BLOCK)
     if pid < row_blocks:
         flag_ptr, coef_ptr, factor_ptr, n, block = (
-            row_flag_ptr,
-            row_coef_ptr,
-            row_factor_ptr,
-            b,
-            pid,
-        )
+            row_flag_ptr, row_coef_ptr, row_factor_ptr, b, pid
+        )  # fmt: skip
     else:
         flag_ptr, coef_ptr, factor_ptr, n, block = (
-            col_flag_ptr,
-            col_coef_ptr,
-            col_factor_ptr,
-            N,
-            pid - row_blocks,
-        )
+            col_flag_ptr, col_coef_ptr, col_factor_ptr, N, pid - row_blocks
+        )  # fmt: skip
     pos = block * BLOCK + tl.arange(0, BLOCK)
     ok = pos < n
     flag = tl.load(flag_ptr + pos, mask=ok, other=0) != 0
@@ -127,21 +122,13 @@ def compact_kernel(
     blocks = row_blocks + tl.cdiv(N, BLOCK)
     if pid < row_blocks:
         flag_ptr, coef_ptr, factor_ptr, order_ptr, weight_ptr = (
-            row_flag_ptr,
-            row_coef_ptr,
-            row_factor_ptr,
-            row_order_ptr,
-            row_weight_ptr,
-        )
+            row_flag_ptr, row_coef_ptr, row_factor_ptr, row_order_ptr, row_weight_ptr
+        )  # fmt: skip
         n, block, first, count_at = b, pid, 0, GATED_ROWS
     else:
         flag_ptr, coef_ptr, factor_ptr, order_ptr, weight_ptr = (
-            col_flag_ptr,
-            col_coef_ptr,
-            col_factor_ptr,
-            col_order_ptr,
-            col_weight_ptr,
-        )
+            col_flag_ptr, col_coef_ptr, col_factor_ptr, col_order_ptr, col_weight_ptr
+        )  # fmt: skip
         n, block, first, count_at = N, pid - row_blocks, row_blocks, GATED_COLS
     offs = tl.arange(0, BLOCK)
     before = 0  # gated anchors of the side's earlier blocks
@@ -196,12 +183,18 @@ def _split(in_a, in_b, target, d_blocks, panel, GM: tl.constexpr):
 
 
 @triton.jit
-def _claim(state_ptr, launch, total, REVERSE: tl.constexpr):
-    """The next work item of this launch (>= total when none is left)."""
-    item = tl.atomic_add(state_ptr + TICKETS + launch, 1, sem="relaxed")
-    if REVERSE:  # test switch: items in the opposite order
-        item = tl.where(item < total, total - 1 - item, total)
-    return item
+def _claim(state_ptr, launch):
+    """The next ticket of this launch (work items are tickets in some order, _item)."""
+    return tl.atomic_add(state_ptr + TICKETS + launch, 1, sem="relaxed")
+
+
+@triton.jit
+def _item(ticket, first, end, REVERSE: tl.constexpr):
+    """The work item of a ticket in [first, end): the same, or (REVERSE, a test switch)
+    the items of that range in the opposite order."""
+    if REVERSE:
+        ticket = first + end - 1 - ticket
+    return ticket
 
 
 @triton.jit
@@ -217,49 +210,196 @@ def _rounded(w, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     return out
 
 
+@triton.jit
+def _a_tiles(state_ptr, step, b, N, panel, BM: tl.constexpr, BN: tl.constexpr):
+    """S tiles of part A of panel ``step``."""
+    _, _, in_a, _ = _panel(state_ptr, step, b, panel)
+    return tl.cdiv(in_a, BM) * tl.cdiv(N, BN)
+
+
+@triton.jit
+def _tiles(state_ptr, step, b, N, panel, BM: tl.constexpr, BN: tl.constexpr):
+    """S tiles of panel ``step``: parts A and B."""
+    _, others, in_a, in_b = _panel(state_ptr, step, b, panel)
+    return tl.cdiv(in_a, BM) * tl.cdiv(N, BN) + tl.cdiv(in_b, BN) * tl.cdiv(others, BM)
+
+
+@triton.jit
+def _tile_weights(
+    item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+    col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+    tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn, stride_ck, margin,
+    step, panel, ld_a, PART_A: tl.constexpr, HAS_IDS: tl.constexpr, COUNT_TILES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """W / scale of S tile ``item`` of the panel into its W buffer: part A's tiles
+    (PART_A) are items [0, A tiles), part B's follow.
+
+    Registers (4 warps): beside S, a per-column value costs 32 per thread, a per-row one
+    4. So each part has its own code (PART_A is a constant): part A's columns stay plain
+    offsets, part B carries no row term; part A masks no entry (_zero_positives). The
+    panel's counts are read again here rather than carried through the work loops."""
+    kr, others, in_a, in_b = _panel(state_ptr, step, b, panel)
+    a_blocks = tl.cdiv(in_a, BM)
+    # (row0, col0): the tile's place in the W buffer of its part; entries from column
+    # col_end up to a multiple of 16 are padding (zero).
+    if PART_A:  # gated rows (through row_order) x a block of plain columns
+        row0 = (item % a_blocks) * BM
+        row_ok = row0 + tl.arange(0, BM) < in_a
+        row_mem = tl.load(row_order_ptr + step * panel + row0 + tl.arange(0, BM), mask=row_ok,
+                          other=0)  # fmt: skip
+        col0 = (item // a_blocks) * BN
+        col_ok = col0 + tl.arange(0, BN) < N
+        col_mem = tl.minimum(col0 + tl.arange(0, BN), N - 1)  # in bounds
+        w_ptr, ld, col_end = w_a_ptr, ld_a, N
+    else:  # other rows x gated columns, both through their orders
+        tile = item - a_blocks * tl.cdiv(N, BN)
+        b_blocks = tl.cdiv(in_b, BN)
+        row0 = (tile // b_blocks) * BM
+        row_ok = row0 + tl.arange(0, BM) < others
+        row_mem = tl.load(row_order_ptr + kr + row0 + tl.arange(0, BM), mask=row_ok, other=0)
+        col0 = (tile % b_blocks) * BN
+        col_ok = col0 + tl.arange(0, BN) < in_b
+        col_mem = tl.load(col_order_ptr + step * panel + col0 + tl.arange(0, BN), mask=col_ok,
+                          other=0)  # fmt: skip
+        w_ptr, ld, col_end = w_b_ptr, panel, in_b
+    s = score_tile(
+        rows_ptr, cols_ptr, row_mem.to(tl.int64), col_mem.to(tl.int64), row_ok, col_ok,
+        D, stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
+    )  # fmt: skip
+    if COUNT_TILES:
+        tl.atomic_add(tile_counter_ptr, 1)
+    row_glob = row_offset + row_mem
+    # Past the ends, row_mem and col_mem hold anchors in bounds: no masks on these loads
+    # (those entries are not stored).
+    d_col = tl.load(col_pos_ptr + col_mem)
+    col_w = tl.load(col_weight_ptr + col_mem)
+    # The forward's hinge arguments, (margin + S) - d, in the same order.
+    shifted = margin + s
+    if PART_A:
+        d_row = tl.load(col_pos_ptr + row_glob)
+        row_w = tl.load(row_weight_ptr + row_mem)
+        w = tl.where(shifted - d_row[:, None] > 0.0, row_w[:, None], 0.0)
+    else:  # part B's rows are not gated: their term is 0.0 (kept: 0.0 + -0.0 is +0.0)
+        w = 0.0
+    w += tl.where(shifted - d_col[None, :] > 0.0, col_w[None, :], 0.0)
+    if not PART_A:
+        w = _without_positives(w, row_glob, col_mem)
+    # Row starts from the tile's own rows: tl.arange(0, BM) * ld alone would be hoisted
+    # out of the work loop (16 values per part, alive throughout).
+    w_rows = w_ptr + (row0 + tl.arange(0, BM)).to(tl.int64) * ld
+    col_loc = col0 + tl.arange(0, BN)
+    w_at = w_rows[:, None] + col_loc[None, :]
+    dtype = w_a_ptr.dtype.element_ty
+    w = _rounded(w, dtype, UPCAST)
+    if HAS_IDS:  # same-id pairs, once W is in the input dtype (64-bit ids per column)
+        rid = tl.load(row_ids_ptr + row_mem, mask=row_ok, other=0)
+        cid = tl.load(col_ids_ptr + col_mem, mask=col_ok, other=0)
+        w = tl.where(rid[:, None] != cid[None, :], w, tl.zeros_like(w))
+    tl.store(w_at, w, mask=row_ok[:, None] & (col_loc < col_end)[None, :])
+    pad = col_end + tl.arange(0, 16)
+    pad_ok = (pad < tl.cdiv(col_end, 16) * 16) & (col0 <= col_end) & (col_end < col0 + BN)
+    tl.store(w_rows[:, None] + pad[None, :], tl.zeros((BM, 16), dtype),
+             mask=row_ok[:, None] & pad_ok[None, :])  # fmt: skip
+    if PART_A:
+        _zero_positives(w_rows, row_glob, row_ok, col0, BM, BN)
+
+
+@triton.jit
+def _without_positives(w, row_glob, col_mem):
+    """Part B: W with its positives zeroed, entry by entry (the columns are gathered)."""
+    return tl.where(row_glob[:, None] != col_mem[None, :], w, 0.0)
+
+
+@triton.jit
+def _zero_positives(w_rows, row_glob, row_ok, col0, BM: tl.constexpr, BN: tl.constexpr):
+    """Part A: zero the tile's positives in W (row i's is column row_glob[i]), after
+    the tile's store: one entry per row at most, no mask on the tile."""
+    tl.debug_barrier()
+    on_tile = row_ok & (row_glob >= col0) & (row_glob < col0 + BN)
+    tl.store(w_rows + row_glob, tl.zeros((BM,), w_rows.dtype.element_ty), mask=on_tile)
+
+
+@triton.jit
+def _part_a_tile(
+    item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+    col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+    tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn, stride_ck, margin,
+    step, panel, ld_a, HAS_IDS: tl.constexpr, COUNT_TILES: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A tile of part A (bench/static_profile.py tells the parts apart by this name)."""
+    _tile_weights(
+        item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+        col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+        tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn, stride_ck,
+        margin, step, panel, ld_a, True, HAS_IDS, COUNT_TILES, BM, BN, BK, PRECISION, UPCAST,
+    )  # fmt: skip
+
+
+@triton.jit
+def _part_b_tile(
+    item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+    col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+    tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn, stride_ck, margin,
+    step, panel, ld_a, HAS_IDS: tl.constexpr, COUNT_TILES: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A tile of part B (see _part_a_tile)."""
+    _tile_weights(
+        item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+        col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+        tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn, stride_ck,
+        margin, step, panel, ld_a, False, HAS_IDS, COUNT_TILES, BM, BN, BK, PRECISION, UPCAST,
+    )  # fmt: skip
+
+
+@triton.jit
+def _add_splits(
+    part, state_ptr, row_order_ptr, col_order_ptr, ws_a_ptr, ws_b_ptr, grad_rows_ptr,
+    grad_cols_ptr, b, D, step, panel, split_target, GM: tl.constexpr, GD: tl.constexpr,
+):  # fmt: skip
+    """Sum the K splits of gated-side tile ``part`` of the previous step's products into
+    the gradient, split 0 first (parts of A, then of B)."""
+    kr, _, prev_a, prev_b = _panel(state_ptr, step - 1, b, panel)
+    split, split_rows = _split(prev_a, prev_b, split_target, tl.cdiv(D, GD), panel, GM)
+    d_blocks = tl.cdiv(D, SUM_COLS)
+    sums_a = tl.cdiv(prev_a, GM) * d_blocks
+    # First writes (module docstring): a gated row's only term; a gated column's first
+    # too when no row is gated, else added to part A's products.
+    first = (part < sums_a) | (kr == 0)
+    if part < sums_a:
+        ws_ptr, order_ptr, grad_ptr, count = ws_a_ptr, row_order_ptr, grad_rows_ptr, prev_a
+    else:
+        part -= sums_a
+        ws_ptr, order_ptr, grad_ptr, count = ws_b_ptr, col_order_ptr, grad_cols_ptr, prev_b
+    g = (part // d_blocks) * GM + tl.arange(0, GM)
+    g_ok = g < count
+    d_idx = (part % d_blocks) * SUM_COLS + tl.arange(0, SUM_COLS)
+    ok = g_ok[:, None] & (d_idx < D)[None, :]
+    acc = tl.zeros((GM, SUM_COLS), dtype=tl.float32)
+    for k_split in range(0, split):
+        ws_rows = (k_split * split_rows + g).to(tl.int64)
+        acc += tl.load(ws_ptr + ws_rows[:, None] * D + d_idx[None, :], mask=ok, other=0.0)
+    mem = tl.load(order_ptr + (step - 1) * panel + g, mask=g_ok, other=0).to(tl.int64)
+    out = grad_ptr + mem[:, None] * D + d_idx[None, :]
+    if first:  # acc is never -0.0 (it starts at +0.0), so 0.0 + acc is acc
+        tl.store(out, acc, mask=ok)
+    else:
+        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
+
+
 @triton.jit(do_not_specialize=["step"])
 def weights_kernel(
-    rows_ptr,
-    cols_ptr,
-    col_pos_ptr,
-    row_ids_ptr,
-    col_ids_ptr,
-    row_weight_ptr,
-    col_weight_ptr,
-    row_order_ptr,
-    col_order_ptr,
-    state_ptr,
-    w_a_ptr,
-    w_b_ptr,
-    ws_a_ptr,
-    ws_b_ptr,
-    grad_rows_ptr,
-    grad_cols_ptr,
-    tile_counter_ptr,
-    b,
-    N,
-    D,
-    row_offset,
-    stride_rm,
-    stride_rk,
-    stride_cn,
-    stride_ck,
-    margin,
-    step,
-    panel,
-    ld_a,
-    split_target,
-    HAS_IDS: tl.constexpr,
-    COUNT_TILES: tl.constexpr,
-    REVERSE: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GM: tl.constexpr,
-    GD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr, col_weight_ptr,
+    row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr, ws_a_ptr, ws_b_ptr,
+    grad_rows_ptr, grad_cols_ptr, tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk,
+    stride_cn, stride_ck, margin, step, panel, ld_a, split_target, HAS_IDS: tl.constexpr,
+    COUNT_TILES: tl.constexpr, REVERSE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, GM: tl.constexpr, GD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-):
+):  # fmt: skip
     """W of panel ``step`` (S tiles of parts A and B), then the fixed-order sum of the
     previous step's gated-side partial products into the gradients.
 
@@ -269,94 +409,45 @@ def weights_kernel(
     ``col_order[step * P + g]``. Entries hold W / scale in the input dtype, with zeros
     from the last column up to a multiple of 16, so that the products read aligned
     vectors (async copies) with 16-entry masks.
-    """
-    kr, others, in_a, in_b = _panel(state_ptr, step, b, panel)
-    a_blocks = tl.cdiv(in_a, BM)
-    b_blocks = tl.cdiv(in_b, BN)
-    a_tiles = a_blocks * tl.cdiv(N, BN)
-    ab_tiles = a_tiles + b_blocks * tl.cdiv(others, BM)
-    # The previous step's partial products (none before step 0).
-    d_blocks = tl.cdiv(D, GD)
-    _, _, prev_a, prev_b = _panel(state_ptr, step - 1, b, panel)
-    split, split_rows = _split(prev_a, prev_b, split_target, d_blocks, panel, GM)
-    sums_a = tl.cdiv(prev_a, GM) * d_blocks
-    total = ab_tiles + sums_a + tl.cdiv(prev_b, GM) * d_blocks
-    store_dtype = w_a_ptr.dtype.element_ty
-    launch = 2 * step
 
-    item = _claim(state_ptr, launch, total, REVERSE)
-    while item < total:
-        if item < ab_tiles:
-            is_a = item < a_tiles
-            # row_loc / col_loc: the tile's place in the W buffer of its part.
-            if is_a:  # gated rows (through row_order) x a block of plain columns
-                row_loc = (item % a_blocks) * BM + tl.arange(0, BM)
-                row_ok = row_loc < in_a
-                row_mem = tl.load(row_order_ptr + step * panel + row_loc, mask=row_ok, other=0)
-                col_loc = (item // a_blocks) * BN + tl.arange(0, BN)
-                col_ok = col_loc < N
-                col_mem = col_loc
-                w_ptr, ld, col_end = w_a_ptr, ld_a, ld_a
-            else:  # other rows x gated columns, both through their orders
-                tile = item - a_tiles
-                row_loc = (tile // b_blocks) * BM + tl.arange(0, BM)
-                row_ok = row_loc < others
-                row_mem = tl.load(row_order_ptr + kr + row_loc, mask=row_ok, other=0)
-                col_loc = (tile % b_blocks) * BN + tl.arange(0, BN)
-                col_ok = col_loc < in_b
-                col_mem = tl.load(col_order_ptr + step * panel + col_loc, mask=col_ok, other=0)
-                w_ptr, ld, col_end = w_b_ptr, panel, tl.cdiv(in_b, 16) * 16
-            s = score_tile(
-                rows_ptr, cols_ptr, row_mem.to(tl.int64), col_mem.to(tl.int64), row_ok, col_ok,
-                D, stride_rm, stride_rk, stride_cn, stride_ck, BM, BN, BK, PRECISION, UPCAST,
+    Tickets [0, S tiles) are the S tiles (part A's, then part B's), the rest the sums;
+    the two kinds have their own loops (a program leaves the first with its first sum
+    ticket), so that the compiler allocates registers for each on its own. (Parts A and
+    B in two loops do worse: the compiler shares their loop-invariant values, alive
+    through both.)
+    """
+    launch = 2 * step
+    ticket = _claim(state_ptr, launch)
+    while ticket < _tiles(state_ptr, step, b, N, panel, BM, BN):
+        item = _item(ticket, 0, _tiles(state_ptr, step, b, N, panel, BM, BN), REVERSE)
+        if item < _a_tiles(state_ptr, step, b, N, panel, BM, BN):
+            _part_a_tile(
+                item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+                col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+                tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn,
+                stride_ck, margin, step, panel, ld_a, HAS_IDS, COUNT_TILES, BM, BN, BK,
+                PRECISION, UPCAST,
             )  # fmt: skip
-            if COUNT_TILES:
-                tl.atomic_add(tile_counter_ptr, 1)
-            # Rows past the end are not stored; so per entry only the columns' end (W's
-            # padding must be zero), the positive (an int32 compare) and, with ids,
-            # same-id pairs are checked.
-            row_glob = row_offset + row_mem
-            valid = valid_pairs(
-                row_glob, col_mem, tl.full((BM,), 1, tl.int1), col_ok, row_ids_ptr,
-                col_ids_ptr, row_mem, col_mem, HAS_IDS,
-            )  # fmt: skip
-            d_row = tl.load(col_pos_ptr + row_glob, mask=row_ok, other=0.0)
-            d_col = tl.load(col_pos_ptr + col_mem, mask=col_ok, other=0.0)
-            row_w = tl.load(row_weight_ptr + row_mem, mask=row_ok & is_a, other=0.0)
-            col_w = tl.load(col_weight_ptr + col_mem, mask=col_ok, other=0.0)
-            # The forward's hinge arguments, (margin + S) - d, in the same order.
-            shifted = margin + s
-            w = tl.where(valid & (shifted - d_row[:, None] > 0.0), row_w[:, None], 0.0)
-            w += tl.where(valid & (shifted - d_col[None, :] > 0.0), col_w[None, :], 0.0)
-            w_at = w_ptr + row_loc[:, None].to(tl.int64) * ld + col_loc[None, :]
-            mask = row_ok[:, None] & (col_loc < col_end)[None, :]
-            tl.store(w_at, _rounded(w, store_dtype, UPCAST), mask=mask)
         else:
-            # Sum the K splits of one gated-side tile of the previous step, split 0 first.
-            part = item - ab_tiles
-            # First writes (module docstring): a gated row's only term; a gated column's
-            # first too when no row is gated, else added to part A's products.
-            first = (part < sums_a) | (kr == 0)
-            if part < sums_a:
-                ws_ptr, order_ptr, grad_ptr, count = ws_a_ptr, row_order_ptr, grad_rows_ptr, prev_a
-            else:
-                part -= sums_a
-                ws_ptr, order_ptr, grad_ptr, count = ws_b_ptr, col_order_ptr, grad_cols_ptr, prev_b
-            g = (part // d_blocks) * GM + tl.arange(0, GM)
-            g_ok = g < count
-            d_idx = (part % d_blocks) * GD + tl.arange(0, GD)
-            ok = g_ok[:, None] & (d_idx < D)[None, :]
-            acc = tl.zeros((GM, GD), dtype=tl.float32)
-            for k_split in range(0, split):
-                ws_rows = (k_split * split_rows + g).to(tl.int64)
-                acc += tl.load(ws_ptr + ws_rows[:, None] * D + d_idx[None, :], mask=ok, other=0.0)
-            mem = tl.load(order_ptr + (step - 1) * panel + g, mask=g_ok, other=0).to(tl.int64)
-            out = grad_ptr + mem[:, None] * D + d_idx[None, :]
-            if first:  # acc is never -0.0 (it starts at +0.0), so 0.0 + acc is acc
-                tl.store(out, acc, mask=ok)
-            else:
-                tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
-        item = _claim(state_ptr, launch, total, REVERSE)
+            _part_b_tile(
+                item, rows_ptr, cols_ptr, col_pos_ptr, row_ids_ptr, col_ids_ptr, row_weight_ptr,
+                col_weight_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr,
+                tile_counter_ptr, b, N, D, row_offset, stride_rm, stride_rk, stride_cn,
+                stride_ck, margin, step, panel, ld_a, HAS_IDS, COUNT_TILES, BM, BN, BK,
+                PRECISION, UPCAST,
+            )  # fmt: skip
+        ticket = _claim(state_ptr, launch)
+    # The previous step's partial products (none before step 0).
+    tiles = _tiles(state_ptr, step, b, N, panel, BM, BN)
+    _, _, prev_a, prev_b = _panel(state_ptr, step - 1, b, panel)
+    total = tiles + (tl.cdiv(prev_a, GM) + tl.cdiv(prev_b, GM)) * tl.cdiv(D, SUM_COLS)
+    while ticket < total:
+        _add_splits(
+            _item(ticket, tiles, total, REVERSE) - tiles, state_ptr, row_order_ptr,
+            col_order_ptr, ws_a_ptr, ws_b_ptr, grad_rows_ptr, grad_cols_ptr, b, D, step, panel,
+            split_target, GM, GD,
+        )  # fmt: skip
+        ticket = _claim(state_ptr, launch)
 
 
 @triton.jit
@@ -458,35 +549,11 @@ def _other_product(
 
 @triton.jit(do_not_specialize=["step"])
 def products_kernel(
-    rows_ptr,
-    cols_ptr,
-    row_order_ptr,
-    col_order_ptr,
-    state_ptr,
-    w_a_ptr,
-    w_b_ptr,
-    ws_a_ptr,
-    ws_b_ptr,
-    grad_rows_ptr,
-    grad_cols_ptr,
-    b,
-    N,
-    D,
-    stride_rm,
-    stride_rk,
-    stride_cn,
-    stride_ck,
-    step,
-    panel,
-    ld_a,
-    split_target,
-    REVERSE: tl.constexpr,
-    GM: tl.constexpr,
-    GD: tl.constexpr,
-    GK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+    rows_ptr, cols_ptr, row_order_ptr, col_order_ptr, state_ptr, w_a_ptr, w_b_ptr, ws_a_ptr,
+    ws_b_ptr, grad_rows_ptr, grad_cols_ptr, b, N, D, stride_rm, stride_rk, stride_cn,
+    stride_ck, step, panel, ld_a, split_target, REVERSE: tl.constexpr, GM: tl.constexpr,
+    GD: tl.constexpr, GK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     """The gradient products of panel ``step`` (W layouts in weights_kernel). Items,
     longest first: the gated-side tiles of A and B (times their K splits, into the
     workspaces), then the other-side tiles of A (grad_cols) and B (grad_rows of the
@@ -505,8 +572,9 @@ def products_kernel(
     start = step * panel
     launch = 2 * step + 1
 
-    item = _claim(state_ptr, launch, total, REVERSE)
-    while item < total:
+    ticket = _claim(state_ptr, launch)
+    while ticket < total:
+        item = _item(ticket, 0, total, REVERSE)
         if item < gated:  # W @ other side: partial sums into the workspaces
             is_a = item < gated_a
             part = tl.where(is_a, item, item - gated_a)
@@ -540,4 +608,4 @@ def products_kernel(
                 col_order_ptr + start, row_order_ptr + kr, grad_rows_ptr, scale, inv_scale, D,
                 part // d_blocks, part % d_blocks, step, False, True, GM, GD, GK, PRECISION, UPCAST,
             )  # fmt: skip
-        item = _claim(state_ptr, launch, total, REVERSE)
+        ticket = _claim(state_ptr, launch)

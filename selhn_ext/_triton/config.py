@@ -28,24 +28,30 @@ class BlockConfig:
     BK: int  # K step of the S product
     BD: int  # embedding columns per step of the gradient products
     forward_warps: int  # warps of the forward's partials_kernel
-    num_warps: int  # warps of the backward's S recompute (weights_kernel), the exact fix-up
+    num_warps: int  # warps of the exact fix-up, and of weights_kernel with ids
+    weights_warps: int  # warps of the backward's S recompute (weights_kernel) without ids
     num_stages: int
+
+    def backward_warps(self, has_ids: bool) -> int:
+        """Warps of weights_kernel: with ids, a 64-bit id per column sits beside S and
+        4 warps would spill, so it takes num_warps."""
+        return self.num_warps if has_ids else self.weights_warps
 
 
 # Large blocks: tensor-core friendly on sm_90 and few programs in the interpreter. Every
-# tl.dot dimension is >= 16, which the sm_90 compiler requires. The 16-bit forward at
-# 4 warps fits two CTAs per SM without spills (255 registers; bench/tile_sweep.py), so
-# that one's epilogue runs under the other's MMA; the backward's S recompute at 4 warps
-# spills, so it keeps 8 (one CTA per SM).
+# tl.dot dimension is >= 16, which the sm_90 compiler requires. The 16-bit forward and the
+# backward's S recompute without ids at 4 warps fit two CTAs per SM without spills (255
+# registers; bench/static_profile.py), so that one's epilogue runs under the other's MMA;
+# the recompute with ids keeps 8 warps (one CTA per SM).
 CONFIGS: dict[torch.dtype, BlockConfig] = {
     torch.bfloat16: BlockConfig(
-        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, num_stages=3
+        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, weights_warps=4, num_stages=3
     ),
     torch.float16: BlockConfig(
-        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, num_stages=3
+        BM=128, BN=128, BK=64, BD=64, forward_warps=4, num_warps=8, weights_warps=4, num_stages=3
     ),
     torch.float32: BlockConfig(
-        BM=64, BN=64, BK=32, BD=64, forward_warps=4, num_warps=4, num_stages=3
+        BM=64, BN=64, BK=32, BD=64, forward_warps=4, num_warps=4, weights_warps=4, num_stages=3
     ),
 }
 
