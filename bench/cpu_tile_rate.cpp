@@ -5,7 +5,8 @@
 //
 // Shapes are those of B = 4096, D = 512 fp32: the forward's S tile (64 x 128 over D, row
 // tiles in groups sharing a packed column tile), and the dense backward's two products per
-// tile (W @ cols: 64 x 512 over K = 128; W.T @ rows: 128 x 512 over K = 64).
+// tile (W @ cols: 64 x 512 over K = 128; W.T @ rows: 128 x 512 over K = 64), both reading
+// the tile's weights W (64 x 128, row-major) in place.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,6 +18,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+constexpr int64_t kBlockCols = 128;  // as in selhn_cpu.h
+template <typename T>
+constexpr int64_t weight_stride() {
+  return kBlockCols + 64 / static_cast<int64_t>(sizeof(T));
+}
 #include "selhn_cpu_avx2_ops.h"
 #include "selhn_s_tile_simd.h"
 
@@ -108,13 +114,15 @@ int main() {
 
   // Backward products: weights (as the A panels) times strips of the other side.
   // The gradient rows of a row group (GROUP tiles of BM x D), as W @ cols meets them.
-  std::vector<float> w(BN * BM + 16 * BM), strips(cols_room), grad(GROUP * BN * D, 0.0f);
+  std::vector<float> w(BM * avx2::weight_stride<float>()), strips(cols_room);
+  std::vector<float> grad(GROUP * BN * D, 0.0f);
   for (size_t k = 0; k < w.size(); ++k) w[k] = float(k % 5) * 0.01f;
   avx2::pack_strips<Ops>(cols.data(), BN, D, strips.data());
   const int reps = 64;
   const double t_r = best_seconds(5, [&] {
     for (int r = 0; r < reps; ++r) {
-      avx2::add_product<Ops>(w.data(), BM, BN, strips.data(), D, grad.data() + (r % GROUP) * BM * D);
+      avx2::add_product<Ops>(w.data(), false, BM, BN, strips.data(), D,
+                             grad.data() + (r % GROUP) * BM * D);
     }
     sink = grad[3];
   });
@@ -123,7 +131,9 @@ int main() {
               flops_p / t_r / 1e9, 100 * flops_p / t_r / 1e9 / peak);
   avx2::pack_strips<Ops>(rows.data(), BM, D, strips.data());
   const double t_c = best_seconds(5, [&] {
-    for (int r = 0; r < reps; ++r) avx2::add_product<Ops>(w.data(), BN, BM, strips.data(), D, grad.data());
+    for (int r = 0; r < reps; ++r) {
+      avx2::add_product<Ops>(w.data(), true, BN, BM, strips.data(), D, grad.data());
+    }
     sink = grad[3];
   });
   std::printf("W.T @ rows (128 x 512, K 64)  %6.1f GFLOP/s  %4.0f%% of peak\n",

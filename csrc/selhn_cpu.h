@@ -30,6 +30,13 @@ namespace selhn::cpu {
 // inside a tile is chosen per instruction set (selhn_s_tile_simd.h).
 constexpr int64_t kBlockRows = 64;   // BM
 constexpr int64_t kBlockCols = 128;  // BN
+// The row stride of a tile's weights (kBlockRows x kBlockCols), one cache line more than
+// its columns: W.T @ rows walks W down its columns, and at a power-of-two stride those
+// lines would all fall into an eighth of the L1 cache's sets and evict each other.
+template <typename T>
+constexpr int64_t weight_stride() {
+  return kBlockCols + 64 / static_cast<int64_t>(sizeof(T));
+}
 // Row hinge sums within a tile run in 16 interleaved chains (column j mod 16).
 constexpr int kSumLanes = 16;
 
@@ -145,19 +152,22 @@ struct TileKernels {
                    int64_t lds);
   // Gradient side: the n x dim block as the right-hand side of a product.
   void (*pack_strips)(const T* x, int64_t n, int64_t dim, T* out);
-  // c (m x dim, row-major) += A @ b: A (m x K) as written by ``weights``, b packed by
-  // pack_strips. Each c element continues its FMA chain over k = 0 .. K-1.
-  void (*add_product)(const T* a, int64_t m, int64_t K, const T* b, int64_t dim, T* c);
+  // c (m x dim, row-major) += A @ b: A (m x K) = W, or W.T when ``transposed``, W as
+  // written by ``weights``; b packed by pack_strips. Each c element continues its FMA chain
+  // over k = 0 .. K-1.
+  void (*add_product)(const T* w, bool transposed, int64_t m, int64_t K, const T* b,
+                      int64_t dim, T* c);
   // Folds a tile into the row partials (by local row, or nullptr) and the column stats
   // (by local column, or nullptr; reset and filled here).
   void (*fold)(const Problem<T>& p, const Tile<T>& t, AnchorPartial<T>* row_part,
                ColumnTileStats<T>* col_stats);
   // The dense backward weights of a tile: W_ij = row_coef_i * [row hinge active] +
   // col_coef_j * [column hinge active] on valid pairs (coefficients 0 for anchors that are
-  // not gated), written as the A operands of W @ cols (w_rows) and W.T @ rows (w_cols).
-  // Returns false when every weight is zero.
+  // not gated), written row-major into w (kBlockRows x kBlockCols, row stride
+  // weight_stride<T>()), the A operand of both
+  // gradient products. Returns false when every weight is zero.
   bool (*weights)(const Problem<T>& p, const Tile<T>& t, const T* row_coef, const T* col_coef,
-                  T* w_rows, T* w_cols);
+                  T* w);
 };
 
 template <typename T>

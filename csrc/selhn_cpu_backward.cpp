@@ -35,7 +35,7 @@ struct WeightPass {
   at::Tensor* col_buffers;       // per thread (default mode), or nullptr: grad_cols direct
 
   struct Local {
-    std::vector<T> w_rows, w_cols;
+    std::vector<T> w;  // the tile's weights, read as W by one product and W.T by the other
     T* grad_cols = nullptr;
   };
   bool wanted(int64_t rt, int64_t ct) const {
@@ -43,9 +43,7 @@ struct WeightPass {
   }
   std::unique_ptr<Local> begin(int thread) {
     auto local = std::make_unique<Local>();
-    const int64_t room = (kBlockRows + 16) * (kBlockCols + 16);
-    local->w_rows.resize(room);
-    local->w_cols.resize(room);
+    local->w.resize(kBlockRows * weight_stride<T>());
     local->grad_cols = grad_cols;
     if (grad_cols != nullptr && col_buffers != nullptr && thread > 0) {
       col_buffers[thread] = at::zeros({p.n, p.dim}, at::CPU(c10::CppTypeToScalarType<T>::value));
@@ -57,14 +55,13 @@ struct WeightPass {
     const Tile<T>& t = op.tile;
     const TileKernels<T>& k = tile_kernels<T>();
     g_backward_tiles.fetch_add(1, std::memory_order_relaxed);
-    if (!k.weights(p, t, row_coef, col_coef, local->w_rows.data(), local->w_cols.data())) return;
+    const T* w = local->w.data();
+    if (!k.weights(p, t, row_coef, col_coef, local->w.data())) return;
     if (grad_rows != nullptr) {  // grad_rows tile += W @ cols tile
-      k.add_product(local->w_rows.data(), t.nr, t.nc, op.col_strips, p.dim,
-                    grad_rows + t.r0 * p.dim);
+      k.add_product(w, false, t.nr, t.nc, op.col_strips, p.dim, grad_rows + t.r0 * p.dim);
     }
     if (local->grad_cols != nullptr) {  // grad_cols tile += W.T @ rows tile
-      k.add_product(local->w_cols.data(), t.nc, t.nr, op.row_strips, p.dim,
-                    local->grad_cols + t.c0 * p.dim);
+      k.add_product(w, true, t.nc, t.nr, op.row_strips, p.dim, local->grad_cols + t.c0 * p.dim);
     }
   }
 };

@@ -144,28 +144,25 @@ void fold_tile(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
 }
 
 // W_ij = (+0 + row_coef_i [row hinge active]) + col_coef_j [column hinge active] on valid
-// pairs, +0 elsewhere: the order in which dense_pair_weight adds them. Written as MR-row
-// panels of W (k over the tile's columns) and of W.T (k over its rows), the A operands of
-// add_product.
-template <class F, int MR>
+// pairs, +0 elsewhere: the order in which dense_pair_weight adds them. Written row-major
+// with row stride weight_stride<T>() (whole vectors, so lanes past the tile's columns hold
+// +0): the
+// A operand of add_product, read as W for W @ cols and as W.T for W.T @ rows.
+template <class F>
 bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
                   const typename F::T* row_coef, const typename F::T* col_coef,
-                  typename F::T* w_rows, typename F::T* w_cols) {
+                  typename F::T* w) {
   using T = typename F::T;
   using V = typename F::V;
   using M = typename F::M;
   constexpr int L = F::L;
+  static_assert(kBlockCols % L == 0 && weight_stride<T>() % L == 0, "whole vectors of weights");
   const V margin = F::set1(p.margin), zero = F::zero();
   M any = F::none();
-  // Where column j's weight of row 0 goes in the W.T panels (row i's is i * MR further).
-  int64_t w_col_at[kBlockCols];
-  for (int64_t col = 0; col < t.nc; ++col) w_col_at[col] = (col / MR) * t.nr * MR + col % MR;
   for (int64_t i = 0; i < t.nr; ++i) {
     const T* s_row = t.s + i * kBlockCols;
     const V d_row = F::set1(p.d_row[t.r0 + i]);
     const V rc = F::set1(row_coef[t.r0 + i]);
-    T* w_row_panel = w_rows + (i / MR) * t.nc * MR + i % MR;
-    T* w_col_k = w_cols + i * MR;
     for (int64_t j = 0; j < t.nc; j += L) {
       const M exists = F::lanes(t.nc - j);
       const M valid = valid_lanes<F>(p, t, i, j);
@@ -175,17 +172,10 @@ bool tile_weights(const Problem<typename F::T>& p, const Tile<typename F::T>& t,
       const V d_col = F::load_masked(exists, p.d_col + t.c0 + j);
       const M col_active = F::and_(valid, F::gt(F::sub(base, d_col), zero));
       const V cc = F::load_masked(exists, col_coef + t.c0 + j);
-      const V w = F::add(F::add(zero, F::select(row_active, rc, zero)),
-                         F::select(col_active, cc, zero));
-      any = F::or_(any, F::and_(exists, F::nonzero(w)));
-      T lane[L];
-      F::store(lane, w);
-      const int64_t count = std::min<int64_t>(L, t.nc - j);
-      for (int64_t l = 0; l < count; ++l) {
-        const int64_t col = j + l;
-        w_row_panel[col * MR] = lane[l];
-        w_col_k[w_col_at[col]] = lane[l];
-      }
+      const V weight = F::add(F::add(zero, F::select(row_active, rc, zero)),
+                              F::select(col_active, cc, zero));
+      any = F::or_(any, F::and_(exists, F::nonzero(weight)));
+      F::store(w + i * weight_stride<T>() + j, weight);
     }
   }
   return F::count(any) > 0;
@@ -210,6 +200,6 @@ constexpr TileKernels<typename G::T> make_tile_kernels(SimdPath path) {
   k.pack_strips = &pack_strips<G>;
   k.add_product = &add_product<G>;
   k.fold = &fold_tile<F>;
-  k.weights = &tile_weights<F, G::MR>;
+  k.weights = &tile_weights<F>;
   return k;
 }

@@ -14,10 +14,12 @@
 // column j and D alone (and equals the portable std::fma loop bit for bit).
 //
 // Blocking: a micro block of MR rows x NR = 2L columns keeps its 2 * MR accumulators in
-// registers (6 x 16 fp32 on AVX2's 16 ymm registers, 12 x 32 on AVX-512's 32). Both
+// registers (6 x 16 fp32 on AVX2's 16 ymm registers, 12 x 32 on AVX-512's 32). For S both
 // operands are packed k-major (rows in panels of MR, columns in slices of NR), so the
 // inner loop reads two streams, and k runs in blocks of kc so one column slice block
-// (kc x NR) stays in the L1 cache while every row panel of the tile passes over it.
+// (kc x NR) stays in the L1 cache while every row panel of the tile passes over it. The
+// gradient products read their A operand (the tile's weights) unpacked, row-major or
+// transposed, at compile-time strides.
 
 // Columns per panel slice: two vectors, so each broadcast row value feeds two FMAs.
 template <class Ops>
@@ -145,15 +147,16 @@ struct Accumulators {
     }
   }
 
-  // K steps of acc += a[k] (x) b[k]: a packed k-major with stride MR (a panel), b packed
-  // k-major with stride NR (a slice or a strip).
+  // K steps of acc += a[k] (x) b[k]: element (r, k) of a at a[r * RS + k * KS] (a packed
+  // panel: RS = 1, KS = MR), b packed k-major with stride NR (a slice or a strip).
+  template <int64_t RS, int64_t KS>
   void run(const T* a, const T* b, int64_t K) {
     for (int64_t k = 0; k < K; ++k) {
       const V b_lo = Ops::load(b + k * NR);
       const V b_hi = Ops::load(b + k * NR + L);
 #pragma GCC unroll 16
       for (int r = 0; r < MR_; ++r) {
-        const V x = Ops::broadcast(a + k * Ops::MR + r);
+        const V x = Ops::broadcast(a + k * KS + r * RS);
         lo[r] = Ops::fma(x, b_lo, lo[r]);
         hi[r] = Ops::fma(x, b_hi, hi[r]);
       }
@@ -161,35 +164,49 @@ struct Accumulators {
   }
 };
 
-// One micro block: c (rows x cols) = (from_zero ? 0 : c) + a_panel @ b_panel over K steps.
-template <class Ops, int MR_>
+// One micro block: c (rows x cols) = (from_zero ? 0 : c) + A @ b_panel over K steps, A's
+// element (r, k) at a[r * RS + k * KS].
+template <class Ops, int MR_, int64_t RS, int64_t KS>
 void micro_block(const typename Ops::T* a, const typename Ops::T* b, int64_t K, bool from_zero,
                  typename Ops::T* c, int64_t cols, int64_t ldc) {
   Accumulators<Ops, MR_> acc;
   acc.start(from_zero, c, cols, ldc);
-  acc.run(a, b, K);
+  acc.template run<RS, KS>(a, b, K);
   acc.finish(c, cols, ldc);
 }
 
 // The last rows < MR of a block: a micro block of exactly that many rows.
-template <class Ops, int MR_>
+template <class Ops, int MR_, int64_t RS, int64_t KS>
 void tail_block(int64_t rows, const typename Ops::T* a, const typename Ops::T* b, int64_t K,
                 bool from_zero, typename Ops::T* c, int64_t cols, int64_t ldc) {
   if constexpr (MR_ > 0) {
     if (rows == MR_) {
-      micro_block<Ops, MR_>(a, b, K, from_zero, c, cols, ldc);
+      micro_block<Ops, MR_, RS, KS>(a, b, K, from_zero, c, cols, ldc);
     } else {
-      tail_block<Ops, MR_ - 1>(rows, a, b, K, from_zero, c, cols, ldc);
+      tail_block<Ops, MR_ - 1, RS, KS>(rows, a, b, K, from_zero, c, cols, ldc);
     }
   }
 }
 
-// c (m x n, stride ldc) = (from_zero ? 0 : c) + A @ B over K steps, A given as MR-row
-// panels (panel stride a_panel values) and B as NR-wide slices (slice stride b_slice),
-// both k-major. Slices outer, row panels inner: each slice block is reused from L1 by
-// every row panel.
-template <class Ops>
-void multiply_blocks(const typename Ops::T* a, int64_t a_panel, int64_t m,
+// Asks for the rows x cols block of c at ``c`` (stride ldc) to be brought into the cache.
+template <typename T>
+inline void prefetch_block(const T* c, int64_t rows, int64_t cols, int64_t ldc) {
+#if defined(__GNUC__)
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(c + r * ldc + j, 1, 3);
+  }
+#endif
+}
+
+// c (m x n, stride ldc) = (from_zero ? 0 : c) + A @ B over K steps, A given in blocks of MR
+// rows (block stride a_block values, element (r, k) of a block at r * RS + k * KS) and B
+// as NR-wide k-major slices (slice stride b_slice). Slices outer, row blocks inner: each
+// slice block is reused from L1 by every row block. A gradient product reads each c line
+// once, from L2 or L3, so each micro block first asks for the next one's c lines, which
+// then arrive while it runs instead of stalling the next block's start.
+template <class Ops, int64_t RS, int64_t KS>
+void multiply_blocks(const typename Ops::T* a, int64_t a_block, int64_t m,
                      const typename Ops::T* b, int64_t b_slice, int64_t n, int64_t K,
                      bool from_zero, typename Ops::T* c, int64_t ldc) {
   constexpr int64_t NR = panel_width<Ops>();
@@ -197,14 +214,19 @@ void multiply_blocks(const typename Ops::T* a, int64_t a_panel, int64_t m,
   for (int64_t j0 = 0; j0 < n; j0 += NR) {
     const auto* slice = b + (j0 / NR) * b_slice;
     const int64_t cols = std::min(NR, n - j0);
-    int64_t i = 0;
-    for (; i + MR <= m; i += MR) {
-      micro_block<Ops, MR>(a + (i / MR) * a_panel, slice, K, from_zero, c + i * ldc + j0, cols,
-                           ldc);
-    }
-    if (i < m) {
-      tail_block<Ops, MR - 1>(m - i, a + (i / MR) * a_panel, slice, K, from_zero,
-                              c + i * ldc + j0, cols, ldc);
+    for (int64_t i = 0; i < m; i += MR) {
+      if (!from_zero && i + MR < m) {
+        prefetch_block(c + (i + MR) * ldc + j0, std::min<int64_t>(MR, m - i - MR), cols, ldc);
+      } else if (!from_zero && j0 + NR < n) {
+        prefetch_block(c + j0 + NR, std::min<int64_t>(MR, m), std::min(NR, n - j0 - NR), ldc);
+      }
+      const auto* a_rows = a + (i / MR) * a_block;
+      if (i + MR <= m) {
+        micro_block<Ops, MR, RS, KS>(a_rows, slice, K, from_zero, c + i * ldc + j0, cols, ldc);
+      } else {
+        tail_block<Ops, MR - 1, RS, KS>(m - i, a_rows, slice, K, from_zero, c + i * ldc + j0,
+                                        cols, ldc);
+      }
     }
   }
 }
@@ -217,16 +239,25 @@ void multiply_packed(const typename Ops::T* rows, int64_t na, const typename Ops
   constexpr int64_t KC = k_block<Ops>();
   for (int64_t k0 = 0; k0 < dim; k0 += KC) {
     const int64_t kc = std::min(KC, dim - k0);
-    multiply_blocks<Ops>(rows + k0 * Ops::MR, dim * Ops::MR, na, cols + k0 * panel_width<Ops>(),
-                         dim * panel_width<Ops>(), nb, kc, k0 == 0, s, lds);
+    multiply_blocks<Ops, 1, Ops::MR>(rows + k0 * Ops::MR, dim * Ops::MR, na,
+                                     cols + k0 * panel_width<Ops>(), dim * panel_width<Ops>(),
+                                     nb, kc, k0 == 0, s, lds);
   }
 }
 
-// The gradient products: c (m x dim, stride dim) += A @ b, A (m x K) given as MR-row panels
-// (k-major, panel stride K * MR, as pack_weights writes them) and b (K x dim) as NR-wide
-// strips (pack_strips). Each c element continues its own FMA chain over k = 0 .. K-1.
+// The gradient products: c (m x dim, stride dim) += A @ b, with A = W (m x K) or W.T, W the
+// tile's weights row-major with row stride weight_stride<T>() (as tile_weights writes
+// them), and b (K x dim) as NR-wide strips (pack_strips). The micro blocks broadcast A's elements
+// straight from W, so one buffer serves both products. Each c element continues its own
+// FMA chain over k = 0 .. K-1.
 template <class Ops>
-void add_product(const typename Ops::T* a, int64_t m, int64_t K, const typename Ops::T* b,
-                 int64_t dim, typename Ops::T* c) {
-  multiply_blocks<Ops>(a, K * Ops::MR, m, b, K * panel_width<Ops>(), dim, K, false, c, dim);
+void add_product(const typename Ops::T* w, bool transposed, int64_t m, int64_t K,
+                 const typename Ops::T* b, int64_t dim, typename Ops::T* c) {
+  constexpr int64_t MR = Ops::MR, NR = panel_width<Ops>();
+  constexpr int64_t WS = weight_stride<typename Ops::T>();
+  if (transposed) {  // A(r, k) = W(k, r)
+    multiply_blocks<Ops, 1, WS>(w, MR, m, b, K * NR, dim, K, false, c, dim);
+  } else {  // A(r, k) = W(r, k)
+    multiply_blocks<Ops, WS, 1>(w, MR * WS, m, b, K * NR, dim, K, false, c, dim);
+  }
 }
