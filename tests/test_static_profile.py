@@ -27,18 +27,9 @@ EPILOGUE_ALU_LIMIT = 20.0
 @pytest.mark.slow
 @pytest.mark.backend("triton")
 def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
-    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
-    out = tmp_path / "profiles.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [sys.executable, SCRIPT, "--kernels", "partials_kernel", "--dtypes", "bf16,fp16",
-            "--select", HEADLINE, "--json-out", str(out)]  # fmt: skip
-    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from static_profile import Profile, static_rows
+    profiles = _compiled_profiles(tmp_path, "partials_kernel", HEADLINE)
+    from static_profile import static_rows
 
-    profiles = [Profile(**item) for item in json.loads(out.read_text())]
     assert sorted(p.dtype for p in profiles) == ["bfloat16", "float16"]
     for p in profiles:
         assert (p.stack_bytes, p.spill_store_bytes, p.spill_load_bytes) == (0, 0, 0), p.label
@@ -54,19 +45,9 @@ def test_headline_forward_does_not_spill_and_has_a_lean_epilogue(tmp_path):
 def test_backward_s_recompute_fits_two_ctas_per_sm_without_spills(tmp_path):
     """weights_kernel, bf16 and fp16 without ids, as launched: no spill or stack, wgmma,
     two CTAs per SM, and one epilogue path per part (A, B)."""
-    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
-    out = tmp_path / "profiles.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [sys.executable, SCRIPT, "--kernels", "weights_kernel", "--dtypes", "bf16,fp16",
-            "--select", "ids=False", "--json-out", str(out)]  # fmt: skip
-    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    profiles = _compiled_profiles(tmp_path, "weights_kernel", "ids=False")
     from static_model import resident_ctas
-    from static_profile import Profile
 
-    profiles = [Profile(**item) for item in json.loads(out.read_text())]
     assert sorted(p.dtype for p in profiles) == ["bfloat16", "float16"]
     for p in profiles:
         assert (p.stack_bytes, p.spill_store_bytes, p.spill_load_bytes) == (0, 0, 0), p.label
@@ -110,3 +91,20 @@ def test_the_kept_forward_tile_is_the_one_the_tile_sweep_prefers():
                 if r["triton"] == version and r["kernel"] == kernel and r["kept"] == "True"
             }  # fmt: skip
             assert marked == {candidate.name}, (version, kernel, marked)
+
+
+def _compiled_profiles(tmp_path, kernel: str, select: str) -> list:
+    """Compile ``kernel`` for sm_90 at bf16 and fp16 (the rows ``select`` picks) through
+    bench/static_profile.py, outside the interpreter, and return its profiles."""
+    require_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    out = tmp_path / "profiles.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [sys.executable, SCRIPT, "--kernels", kernel, "--dtypes", "bf16,fp16",
+            "--select", select, "--json-out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from static_profile import Profile
+
+    return [Profile(**item) for item in json.loads(out.read_text())]
