@@ -353,6 +353,11 @@ def test_plan_memory_estimate_of_the_default_cpu_plan():
     # Without a limit (a GPU) nothing is capped and the model counts in full.
     unlimited = memory.plan_memory(plan, 0, None)
     assert unlimited.capped == [] and unlimited.peak_bytes > 25 * gib
+    # A case timed beside its paired torch.mm (CPU) needs at least the mm's B x B product.
+    fused = [c for c in plan if c.backend == "cpu" and c.batch == 32768][:1]
+    alone = memory.plan_memory(fused, 0, None).peak_bytes
+    paired = memory.plan_memory(fused, 0, None, paired_mm=True).peak_bytes
+    assert fused and alone < 4 * gib < paired
 
 
 @pytest.mark.slow
