@@ -37,7 +37,9 @@ CSV_COLUMNS = {
     "deterministic": "1 or 0 for selhn_ext backends, empty for baselines",
     "pass": "forward, backward or forward_backward",
     "median_ms": "median wall time of the pass (CUDA events on a GPU)",
-    "ratio_to_mm": "median_ms over one torch.mm of the same shape timed earlier in the run",
+    "mm_ms": "median time of one torch.mm of the same shape: on CPU timed before each of "
+    "the pass's repetitions in the same process, on a GPU timed earlier in the run",
+    "ratio_to_mm": "median_ms over mm_ms",
     "peak_extra_bytes": "peak memory over what the inputs already held",
     "status": "ok, oom, error or skipped (the reason is in the log)",
 }
@@ -138,7 +140,11 @@ def open_csv(path: Path):
         with open(path, newline="") as existing:
             header = next(csv.reader(existing), None)
         if header != CSV_HEADER:
-            raise ValueError(f"{path} has header {header}, expected {CSV_HEADER}")
+            raise ValueError(
+                f"{path} has header {header}, expected {CSV_HEADER}: it was written by "
+                "another version of this benchmark; move it away or pick another --csv "
+                "or --out-dir"
+            )
         handle = open(path, "a", newline="")
         return handle, csv.DictWriter(handle, fieldnames=CSV_HEADER)
     handle = open(path, "w", newline="")

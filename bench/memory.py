@@ -15,6 +15,7 @@ by the limit) next to the parent.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,18 +162,25 @@ class PlanMemory:
 
 
 def plan_memory(
-    plan: list[Case], base_bytes: int, limit_bytes: int | None, parent_bytes: int = 0
+    plan: list[Case],
+    base_bytes: int,
+    limit_bytes: int | None,
+    parent_bytes: int = 0,
+    paired_mm: bool = False,
 ) -> PlanMemory:
     """The estimate for ``plan`` run one case at a time.
 
     ``base_bytes``: what the process running a case holds before it (torch and the
     kernels loaded); ``limit_bytes``: the children's address-space limit over their size
     once the inputs exist (None: no limit, as on a GPU); ``parent_bytes``: a parent
-    process alive next to the children.
+    process alive next to the children; ``paired_mm``: each case also times one torch.mm
+    of its shape (timing.Settings), whose B x B product is freed before the case runs.
     """
     peak, largest, fitting_peak, fitting, capped = 0, None, 0, None, []
     for case in plan:
         extra = estimated_extra_bytes(case)
+        if paired_mm:
+            extra = max(extra, estimated_extra_bytes(dataclasses.replace(case, backend="torch_mm")))
         over = limit_bytes is not None and extra > limit_bytes
         if over:
             capped.append(case)

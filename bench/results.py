@@ -1,7 +1,8 @@
 """Where a run's results go: CSV rows, a log, and an optional progress file.
 
-Rows follow ``common.CSV_COLUMNS``; each row's ``ratio_to_mm`` divides its time by the
-latest ``torch_mm`` time of its shape in this run. The log (``<csv>.log`` unless given)
+Rows follow ``common.CSV_COLUMNS``; each row's ``ratio_to_mm`` divides its time by its
+``mm_ms``: the torch.mm timed beside the pass (CPU), else the latest ``torch_mm`` time of
+its shape in this run. The log (``<csv>.log`` unless given)
 holds one line per row, with the reason for every skip or failure, and anything else the
 run reports. The progress file (JSON lines) lets a rerun skip the cases already done.
 """
@@ -72,8 +73,9 @@ class RunRecord:
 
     def row(self, case: Case, res: dict) -> dict:
         median = res.get("median_ms")
-        floor = self.floors.get(case.shape)
-        ratio = median / floor if (median is not None and floor) else None
+        # The pass's own paired torch.mm (CPU), else the run's torch_mm row of the shape.
+        mm_ms = res.get("mm_ms") if res.get("mm_ms") is not None else self.floors.get(case.shape)
+        ratio = median / mm_ms if (median is not None and mm_ms) else None
         return {
             "date": common.utc_now(),
             **self.fixed,
@@ -87,6 +89,7 @@ class RunRecord:
             "deterministic": int(case.deterministic) if case.is_selhn_ext else "",
             "pass": res["pass"],
             "median_ms": format_number(median),
+            "mm_ms": format_number(mm_ms) if median is not None else "",
             "ratio_to_mm": format_number(ratio),
             "peak_extra_bytes": res.get("peak_extra_bytes", ""),
             "status": res["status"],

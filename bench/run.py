@@ -42,6 +42,9 @@ from cases import BACKEND_NAMES, PRESETS, Case  # noqa: E402
 from common import DTYPES, GATE_MIXES, PASSES  # noqa: E402
 from results import RunRecord, default_csv_path  # noqa: E402
 
+# Repetitions of each pass at least, on CPU: the median of a few, as one repetition of a
+# slow case on a shared host is often an outlier.
+CPU_MIN_REPS = 3
 # Exit code of a run that stopped because the GPU context died (a fatal kernel error);
 # the failing backend's name is written to the file given by --fatal-file.
 EXIT_FATAL_DEVICE_ERROR = 3
@@ -104,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--min-time", type=float, help="seconds of repetitions per pass")
     parser.add_argument("--max-reps", type=int, default=20)
+    parser.add_argument(
+        "--min-reps", type=int, help=f"repetitions at least (default {CPU_MIN_REPS} CPU, 1 GPU)"
+    )
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1 CPU, 2 GPU)")
     parser.add_argument(
         "--warm-clocks", type=float, default=3.0, help="seconds of matmuls first (GPU only)"
@@ -175,7 +181,9 @@ def memory_statement(plan: list[Case], device: torch.device, isolate: bool, args
 
     own = memory.proc_status_bytes("VmRSS")
     limit = int(args.mem_limit_gib * memory.GIB) if isolate else None
-    need = memory.plan_memory(plan, own, limit, parent_bytes=own if isolate else 0)
+    need = memory.plan_memory(
+        plan, own, limit, parent_bytes=own if isolate else 0, paired_mm=_paired_mm(device)
+    )
     text = need.describe("RAM")
     if free is not None and need.peak_bytes > free:
         text += (
@@ -226,12 +234,20 @@ class Budget:
         return default if self.deadline is None else min(default, self.deadline - time.time())
 
 
+def _paired_mm(device: torch.device) -> bool:
+    """On CPU every case times its own torch.mm baseline between its repetitions (the
+    speed of a shared host drifts between cases); a GPU's is stable within a run."""
+    return device.type == "cpu"
+
+
 def _settings(args, device: torch.device) -> timing.Settings:
     on_gpu = device.type == "cuda"
     return timing.Settings(
         device=device,
         min_time_s=args.min_time if args.min_time is not None else (0.3 if on_gpu else 0.5),
         max_reps=args.max_reps,
+        min_reps=args.min_reps if args.min_reps is not None else (1 if on_gpu else CPU_MIN_REPS),
+        paired_mm=_paired_mm(device),
         warmup=args.warmup if args.warmup is not None else (2 if on_gpu else 1),
         seed=args.seed,
         cpu_simd_path=args.cpu_simd_path,

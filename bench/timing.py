@@ -38,6 +38,9 @@ class Settings:
     max_reps: int
     min_reps: int = 1
     warmup: int = 1
+    # Time one torch.mm of the case's shape before each repetition, as the row's own
+    # ratio baseline (CPU: a shared host's speed drifts between cases; see time_pass).
+    paired_mm: bool = False
     seed: int = 0
     cpu_simd_path: str = ""  # force the CPU kernels' S-tile path ("": the fastest)
 
@@ -189,17 +192,30 @@ def time_pass(
     inputs: tuple[torch.Tensor, torch.Tensor],
     settings: Settings,
     memory,
-) -> tuple[float, int]:
-    """(median ms, peak extra bytes) of ``pass_name`` over adaptive repetitions: at least
-    ``min_reps``, then more until ``min_time_s`` has passed or ``max_reps`` ran."""
+) -> tuple[float, int, float | None]:
+    """(median ms, peak extra bytes, paired torch.mm median ms or None) of ``pass_name``
+    over adaptive repetitions: at least ``min_reps``, then more until ``min_time_s`` has
+    passed or ``max_reps`` ran.
+
+    With ``settings.paired_mm`` each repetition is preceded by one timed
+    ``torch.mm(img, txt.T)``: the pass and its baseline then see the same state of a
+    shared machine, and their ratio holds when the machine's speed drifts during a run.
+    """
     times: list[float] = []
+    mm_times: list[float] = []
     peak = 0
     started = time.perf_counter()
     grad_enabled = pass_name != "forward" or inputs[0].requires_grad
+    img, txt = (x.detach() for x in inputs)
     while len(times) < settings.min_reps or (
         time.perf_counter() - started < settings.min_time_s and len(times) < settings.max_reps
     ):
         _clear_grads(*inputs)
+        if settings.paired_mm:
+            with Timer(settings.device) as timer:
+                product = torch.mm(img, txt.T)
+            mm_times.append(timer.ms)
+            del product
         with torch.set_grad_enabled(grad_enabled):
             if pass_name == "backward":
                 loss = fn()
@@ -216,7 +232,8 @@ def time_pass(
         times.append(timer.ms)
         del loss
     _clear_grads(*inputs)
-    return statistics.median(times), peak
+    paired = statistics.median(mm_times) if mm_times else None
+    return statistics.median(times), peak, paired
 
 
 def result(pass_name: str, status: str, **fields) -> dict:
@@ -265,8 +282,12 @@ def run_case(case: Case, settings: Settings, memory=None, before_measure=None) -
     if reason is not None:
         return [result(p, "skipped", reason=reason) for p in case.passes]
     memory = memory or memory_probe(device)
+    if case.backend == "torch_mm":  # the baseline itself: nothing to pair it with
+        settings = dataclasses.replace(settings, paired_mm=False)
     try:
         img, txt, fn, gated_fraction = _prepare(case, settings, before_measure)
+        if settings.paired_mm:  # warm it, and count its lasting buffers in the base
+            torch.mm(img.detach(), txt.detach().T)
         memory.set_base()
     except Exception as error:
         return failed_results(case, error, device)
@@ -274,7 +295,7 @@ def run_case(case: Case, settings: Settings, memory=None, before_measure=None) -
     results = []
     for pass_name in case.passes:
         try:
-            median_ms, peak = time_pass(pass_name, fn, (img, txt), settings, memory)
+            median_ms, peak, mm_ms = time_pass(pass_name, fn, (img, txt), settings, memory)
         except Exception as error:
             results.extend(
                 failed_results(dataclasses.replace(case, passes=(pass_name,)), error, device)
@@ -285,6 +306,7 @@ def run_case(case: Case, settings: Settings, memory=None, before_measure=None) -
                 pass_name,
                 "ok",
                 median_ms=median_ms,
+                mm_ms=mm_ms,
                 peak_extra_bytes=peak,
                 gated_fraction=gated_fraction,
             )

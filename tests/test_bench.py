@@ -132,8 +132,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _check_rows(rows: list[dict[str, str]]) -> None:
     """Statuses and passes valid, a torch_mm row before each shape's rows, ratios that
-    match the times (each run measures torch_mm first, so a row's floor is the latest
-    torch_mm row of its shape above it)."""
+    match the times: over the row's own paired torch.mm on CPU, else over the latest
+    torch_mm row of its shape above it (each run measures torch_mm first)."""
     assert rows
     floors: dict[tuple, float | None] = {}
     for row in rows:
@@ -146,16 +146,70 @@ def _check_rows(rows: list[dict[str, str]]) -> None:
             continue
         assert shape in floors, f"no torch_mm row before {shape}"
         if row["status"] != "ok":
-            assert row["median_ms"] == "" and row["ratio_to_mm"] == ""
+            assert row["median_ms"] == "" and row["mm_ms"] == "" and row["ratio_to_mm"] == ""
             continue
         median = float(row["median_ms"])
         assert median > 0 and int(row["peak_extra_bytes"]) >= 0
-        if floors[shape] is None:
-            assert row["ratio_to_mm"] == ""
+        if row["device"].startswith("cpu:"):  # its own paired torch.mm
+            mm_ms = float(row["mm_ms"])
+            assert mm_ms > 0
+        elif floors[shape] is None:
+            assert row["mm_ms"] == "" and row["ratio_to_mm"] == ""
+            continue
         else:
-            assert math.isclose(float(row["ratio_to_mm"]), median / floors[shape], rel_tol=1e-4)
+            mm_ms = floors[shape]
+            assert math.isclose(float(row["mm_ms"]), mm_ms, rel_tol=1e-5)
+        assert math.isclose(float(row["ratio_to_mm"]), median / mm_ms, rel_tol=1e-4)
         if row["gated_fraction"]:
             assert 0.0 <= float(row["gated_fraction"]) <= 1.0
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_time_pass_pairs_each_repetition_with_one_torch_mm(monkeypatch, paired):
+    """With paired_mm every repetition of the pass is preceded by one torch.mm of the
+    inputs (the row's own baseline); without it none runs and no baseline comes back."""
+    import memory
+    import timing
+
+    img, txt = torch.randn(8, 4), torch.randn(6, 4)
+    calls: list[str] = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b):
+        calls.append("mm")
+        assert a.shape == img.shape and b.shape == txt.T.shape and not a.requires_grad
+        return real_mm(a, b)
+
+    def loss() -> torch.Tensor:
+        calls.append("loss")
+        return (img * 2).sum()
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    settings = timing.Settings(
+        device=torch.device("cpu"), min_time_s=0.0, max_reps=50, min_reps=4, paired_mm=paired
+    )
+    probe = memory.CpuMemory()
+    probe.set_base()
+    median, peak, mm_ms = timing.time_pass("forward", loss, (img, txt), settings, probe)
+    assert calls == (["mm", "loss"] if paired else ["loss"]) * 4
+    assert median >= 0 and peak is not None
+    assert (mm_ms is not None and mm_ms >= 0) if paired else mm_ms is None
+
+
+def test_a_row_divides_by_its_paired_mm_else_by_the_run_floor(own_tmp_dir):
+    import results
+    from cases import Case
+
+    record = results.RunRecord(own_tmp_dir / "rows.csv", None, {})
+    case = Case(backend="cpu", batch=64, dim=32, dtype="fp32")
+    record.floors[case.shape] = 2.0
+    paired = record.row(case, {"pass": "forward", "status": "ok", "median_ms": 3.0, "mm_ms": 1.5})
+    unpaired = record.row(case, {"pass": "forward", "status": "ok", "median_ms": 3.0})
+    failed = record.row(case, {"pass": "forward", "status": "error"})
+    record.close()
+    assert (paired["mm_ms"], paired["ratio_to_mm"]) == ("1.5", "2")
+    assert (unpaired["mm_ms"], unpaired["ratio_to_mm"]) == ("2", "1.5")
+    assert (failed["mm_ms"], failed["ratio_to_mm"]) == ("", "")
 
 
 @pytest.fixture
@@ -299,6 +353,11 @@ def test_plan_memory_estimate_of_the_default_cpu_plan():
     # Without a limit (a GPU) nothing is capped and the model counts in full.
     unlimited = memory.plan_memory(plan, 0, None)
     assert unlimited.capped == [] and unlimited.peak_bytes > 25 * gib
+    # A case timed beside its paired torch.mm (CPU) needs at least the mm's B x B product.
+    fused = [c for c in plan if c.backend == "cpu" and c.batch == 32768][:1]
+    alone = memory.plan_memory(fused, 0, None).peak_bytes
+    paired = memory.plan_memory(fused, 0, None, paired_mm=True).peak_bytes
+    assert fused and alone < 4 * gib < paired
 
 
 @pytest.mark.slow
