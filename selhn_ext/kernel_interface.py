@@ -348,6 +348,60 @@ def sparse_and_diagonal_backward(
     grad_cols[pos] += g_diag[:, None] * rows
 
 
+class FullyActive(NamedTuple):
+    """Gated anchors whose every hinge is active, taken out of the dense backward.
+
+    Their dense weights are rank one: W_ij = c_i for every valid column j of such a row
+    i, W_ij = e_j for every valid row i of such a column j. So their two products are
+    O(B*D) sums (``add_fully_active``) instead of a recompute of S and two products."""
+
+    row_coef: Tensor  # (b,) c_i = upstream x dense weight where row i is fully active, else 0
+    col_coef: Tensor  # (N,) e_j likewise
+
+
+def split_fully_active(
+    gated: GatedFactors, row_active: Tensor, col_active: Tensor
+) -> tuple[GatedFactors, FullyActive] | None:
+    """(the other gated anchors, for the dense backward; the fully active ones), or None
+    when no gated anchor is fully active: its forward active count (merged over every
+    negative) equals its number of valid negatives, N - 1 without ids. Reads one flag
+    back to the host, so the pipeline calls it for CPU tensors only."""
+    n_cols = gated.col_gated.shape[0]
+    row_full = gated.row_gated & (row_active == n_cols - 1)
+    col_full = gated.col_gated & (col_active == n_cols - 1)
+    if not bool(row_full.any() | col_full.any()):
+        return None
+    zero = torch.zeros((), dtype=gated.row_dense_weight.dtype)
+    rest = GatedFactors(
+        gated.row_upstream, torch.where(row_full, zero, gated.row_dense_weight),
+        gated.col_upstream, torch.where(col_full, zero, gated.col_dense_weight),
+        gated.row_gated & ~row_full, gated.col_gated & ~col_full,
+    )  # fmt: skip
+    full = FullyActive(
+        torch.where(row_full, gated.row_upstream * gated.row_dense_weight, zero),
+        torch.where(col_full, gated.col_upstream * gated.col_dense_weight, zero),
+    )
+    return rest, full
+
+
+def add_fully_active(block: Block, grad_rows: Tensor, grad_cols: Tensor, full: FullyActive) -> None:
+    """Add the fully active anchors' dense products to the gradients, in place.
+
+    Row i adds c_i x (every column but its positive) to grad_rows[i] and c_i x row_i to
+    every column but that positive; column j adds e_j x (every row of the block but its
+    positive) to grad_cols[j] and e_j x col_j to those rows. Without ids only.
+    """
+    cdt = grad_rows.dtype
+    rows, cols, off = block.rows.to(cdt), block.cols.to(cdt), block.row_offset
+    b = rows.shape[0]
+    c, e = full.row_coef.to(cdt), full.col_coef.to(cdt)
+    own = c + e[off : off + b]  # both weights of pair i, taken back off its positive
+    grad_rows.addr_(c, cols.sum(0)).add_(torch.mv(cols.T, e))
+    grad_rows.addcmul_(own[:, None], cols[off : off + b], value=-1)
+    grad_cols.addr_(e, rows.sum(0)).add_(torch.mv(rows.T, c))
+    grad_cols[off : off + b].addcmul_(own[:, None], rows, value=-1)
+
+
 # ---------------------------------------------------------------------------------------
 # The backend contract
 

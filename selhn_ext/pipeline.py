@@ -28,8 +28,11 @@ from .kernel_interface import (
     Block,
     DirectionStats,
     GatedFactors,
+    PyTorchGlue,
+    add_fully_active,
     compute_dtype,
     count_negatives,
+    split_fully_active,
 )
 
 
@@ -171,6 +174,20 @@ def forward(
     return Forward(*pairs, saved)
 
 
+def _fully_active_shortcut(backend: Backend, block: Block, settings: Settings) -> bool:
+    """Whether the fully active gated anchors skip the dense backward (kernel_interface's
+    FullyActive): for backends whose dense gradients are plain tensors (PyTorchGlue), on
+    CPU (choosing reads a flag back, a sync on a GPU), without ids (their valid sets are
+    not "all but the positive"), and not in deterministic mode (the sums' order could
+    depend on the thread count)."""
+    return (
+        isinstance(backend, PyTorchGlue)
+        and block.rows.device.type == "cpu"
+        and block.row_ids is None
+        and not settings.deterministic
+    )
+
+
 def backward(
     backend: Backend,
     grad_loss: Tensor,
@@ -198,12 +215,17 @@ def backward(
         if settings.mode == "hardest":  # no anchor is gated: no dense backward at all
             dense = backend.gate_free_dense_grads(block)
         else:
+            factors = GatedFactors(row_up, saved.row_dense_weight, col_up,
+                                   saved.col_dense_weight, gated[0], saved.col_gated)  # fmt: skip
+            split = None
+            if _fully_active_shortcut(backend, block, settings):
+                split = split_fully_active(factors, saved.row_active, saved.col_active)
             dense = backend.dense_backward_for_sparse(
-                block, settings.margin,
-                GatedFactors(row_up, saved.row_dense_weight, col_up, saved.col_dense_weight,
-                             gated[0], saved.col_gated),
+                block, settings.margin, factors if split is None else split[0],
                 deterministic=settings.deterministic, allow_tf32=settings.allow_tf32,
             )  # fmt: skip
+            if split is not None:
+                add_fully_active(block, *dense, split[1])
         # One process casts the column gradient at once; several sum theirs first.
         one_process = exchange.local == exchange.total
         grad_img, grad_cols = backend.sparse_and_diagonal_backward(

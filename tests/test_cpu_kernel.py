@@ -19,8 +19,10 @@ from selhn_ext.chunked import ChunkedBackend
 from selhn_ext.kernel_interface import (
     AnchorWeights,
     Block,
+    FullyActive,
     GatedAnchors,
     PyTorchGlue,
+    add_fully_active,
     positive_scores,
 )
 from selhn_ext.options import MODES, REDUCTIONS
@@ -626,3 +628,70 @@ def test_sparse_and_diagonal_backward_matches_the_pytorch_glue(dtype):
         torch.ops.selhn.sparse_and_diagonal_backward(
             rows, cols, off, dense[0].to(torch.float16), dense[1], *row, *col
         )
+
+
+def test_add_fully_active_equals_the_products_of_its_rank_one_weights():
+    """A row block at an offset: the sums equal W @ cols and W.T @ rows with W_ij = c_i
+    + e_j off each pair's positive (column offset + i), added to what was there."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, dim, off = 5, 13, 7, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    rows, cols = randn(b, dim), randn(n, dim)
+    c = randn(b) * (torch.rand(b, generator=gen) < 0.6)
+    e = randn(n) * (torch.rand(n, generator=gen) < 0.6)
+    weights = c[:, None] + e[None, :]
+    weights[torch.arange(b), off + torch.arange(b)] = 0.0
+    grad_rows, grad_cols = randn(b, dim), randn(n, dim)
+    want_rows, want_cols = grad_rows + weights @ cols, grad_cols + weights.T @ rows
+    block = Block(rows, cols, torch.zeros(n, dtype=torch.float64), off)
+    add_fully_active(block, grad_rows, grad_cols, FullyActive(c, e))
+    assert_close(grad_rows, want_rows, 1e-12, "grad rows")
+    assert_close(grad_cols, want_cols, 1e-12, "grad cols")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+@pytest.mark.parametrize("margin", [1.0, 3.0])
+def test_fully_active_gated_anchors_skip_the_dense_pass(backend, margin):
+    """Every anchor gated (eps huge); with margin 1 about 70 % of them have every hinge
+    active, with margin 3 all. Those take the rank-one sums: the gradients still equal
+    the fp64 reference and the deterministic mode (which keeps the dense pass), and the
+    CPU dense pass recomputes only the tiles of the others (none when all are)."""
+    cpu_ops()
+    batch, dim = 150, 8
+    gen = torch.Generator().manual_seed(7)
+    img, txt = (
+        torch.nn.functional.normalize(
+            torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1
+        )  # fmt: skip
+        for _ in range(2)
+    )
+    scores = img @ txt.T
+    pos = scores.diag()
+    full_rows = ((margin + scores - pos[:, None] > 0) | torch.eye(batch, dtype=torch.bool)).all(1)
+    full_cols = ((margin + scores - pos[None, :] > 0) | torch.eye(batch, dtype=torch.bool)).all(0)
+    if margin == 1.0:
+        assert 0.3 < full_rows.float().mean() < 0.95 and 0.3 < full_cols.float().mean() < 0.95
+    else:
+        assert full_rows.all() and full_cols.all()
+
+    def grads(fn, **kwargs):
+        return loss_and_grads(fn, img, txt, "none", margin=margin, eps=1e9, **kwargs)
+
+    torch.ops.selhn._cpu_backward_tile_count(True)
+    loss, grad_img, grad_txt, stats = grads(selhn_loss, backend=backend, return_stats=True)
+    tiles = torch.ops.selhn._cpu_backward_tile_count(True)
+    assert stats.gated.all()
+    ref = grads(selhn_loss_reference, decisions=Decisions(stats.gated, stats.hardest_index))
+    det = grads(selhn_loss, backend=backend, deterministic=True)
+    scale = ref[1].abs().max().item()
+    for got, want, what in ((grad_img, ref[1], "img"), (grad_txt, ref[2], "txt")):
+        assert_close(got, want, 1e-12 * scale, f"grad {what} vs the reference")
+    assert_close(grad_img, det[1], 1e-12 * scale, "grad img vs deterministic")
+    assert_close(grad_txt, det[2], 1e-12 * scale, "grad txt vs deterministic")
+    if backend == "cpu":
+        others_r, others_c = int((~full_rows).sum()), int((~full_cols).sum())
+        assert tiles < tiles_touching_gated(batch, batch, batch, batch)[0]
+        assert tiles == tiles_touching_gated(batch, batch, others_r, others_c)[0]
