@@ -409,6 +409,8 @@ def add_fully_active(block: Block, grad_rows: Tensor, grad_cols: Tensor, full: F
 class Backend(Protocol):
     """What the pipeline (pipeline.py) calls on a backend; see the module notes."""
 
+    plain_dense_grads: bool  # see PyTorchGlue
+
     def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor: ...
 
     def partials(
@@ -473,6 +475,10 @@ class PyTorchGlue:
     Backends inherit these and implement ``partials`` and ``dense_backward``; a backend
     with fused kernels for a step overrides it.
     """
+
+    # dense_backward_for_sparse returns a plain (grad_rows, grad_cols) pair, which the
+    # pipeline may add to (add_fully_active); a backend with its own form sets False.
+    plain_dense_grads = True
 
     def positive_scores(self, img: Tensor, txt: Tensor) -> Tensor:
         return positive_scores(img, txt)

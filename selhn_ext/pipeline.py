@@ -28,7 +28,6 @@ from .kernel_interface import (
     Block,
     DirectionStats,
     GatedFactors,
-    PyTorchGlue,
     add_fully_active,
     compute_dtype,
     count_negatives,
@@ -176,12 +175,12 @@ def forward(
 
 def _fully_active_shortcut(backend: Backend, block: Block, settings: Settings) -> bool:
     """Whether the fully active gated anchors skip the dense backward (kernel_interface's
-    FullyActive): for backends whose dense gradients are plain tensors (PyTorchGlue), on
+    FullyActive): for backends whose dense gradients are plain tensors, on
     CPU (choosing reads a flag back, a sync on a GPU), without ids (their valid sets are
     not "all but the positive"), and not in deterministic mode (the sums' order could
     depend on the thread count)."""
     return (
-        isinstance(backend, PyTorchGlue)
+        getattr(backend, "plain_dense_grads", False)
         and block.rows.device.type == "cpu"
         and block.row_ids is None
         and not settings.deterministic

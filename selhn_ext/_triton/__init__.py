@@ -55,6 +55,8 @@ from .forward import partials
 class TritonBackend(PyTorchGlue):
     """The kernel interface of kernel_interface.py as fused Triton passes."""
 
+    plain_dense_grads = False  # dense_backward_for_sparse returns DenseAccumulators
+
     def __init__(self, variant: str | None = None) -> None:
         variant = VARIANTS[0] if variant is None else variant
         if variant not in VARIANTS:
