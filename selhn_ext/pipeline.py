@@ -173,14 +173,22 @@ def forward(
     return Forward(*pairs, saved)
 
 
+# The fully active anchors' sums subtract each pair's own term from a total, which can
+# leave a rounding residue (1e-16) where the dense pass's terms cancel exactly, as in the
+# degenerate tiny batches of the tests; below one CPU tile of columns the dense pass is a
+# single tile column anyway, so small batches keep it.
+FULLY_ACTIVE_MIN_COLUMNS = 128
+
+
 def _fully_active_shortcut(backend: Backend, block: Block, settings: Settings) -> bool:
     """Whether the fully active gated anchors skip the dense backward (kernel_interface's
     FullyActive): for backends whose dense gradients are plain tensors, on
     CPU (choosing reads a flag back, a sync on a GPU), without ids (their valid sets are
-    not "all but the positive"), and not in deterministic mode (the sums' order could
-    depend on the thread count)."""
+    not "all but the positive"), not in deterministic mode (the sums' order could
+    depend on the thread count), and from FULLY_ACTIVE_MIN_COLUMNS columns."""
     return (
         getattr(backend, "plain_dense_grads", False)
+        and block.n >= FULLY_ACTIVE_MIN_COLUMNS
         and block.rows.device.type == "cpu"
         and block.row_ids is None
         and not settings.deterministic
