@@ -42,11 +42,16 @@ DIMS = (256, 1024)  # embedding sizes of the profile's rows and of the model
 #   deterministic, mode selhn: forward 3 launches (positive scores 67.2 MB, the forward
 #   kernel's buffers 0.66 MB, finalize with the packed keys' decoding 2.1 MB: 69.9 MB;
 #   before the decoding moved into finalize 4 launches and 70.3 MB); backward
-#   3 launches (the gradients kernel 268 MB: three input-dtype operand rows and the
-#   output row per gradient row; keys and their sort, estimated at four 32-byte passes,
-#   4.9 MB: 273 MB), plus the fp32 dense gradient it reads, 134 MB, once any anchor is
-#   gated (it reads a row only where the dense backward wrote it, and with any anchor
-#   gated nearly every row is written): 407 MB. Before the accumulators' first writes
+#   3 launches (the gradients kernel 268 MB with nothing gated: three input-dtype operand
+#   rows and the output row per gradient row; keys and their sort, estimated at four
+#   32-byte passes, 4.9 MB: 273 MB), plus the fp32 dense gradient it reads, 134 MB, once
+#   any anchor is gated (it reads a row only where the dense backward wrote it, and with
+#   any anchor gated nearly every row is written). Two of the three operand rows, 134 MB,
+#   are hardest-negative terms: the anchor's own hardest and, on average, one anchor
+#   whose hardest it is. A term of weight 0 is not read (glue_kernels.py), and a gated
+#   anchor's hard weight is 0, so they count for the ungated fraction only: 406 MB at
+#   1 % gated, 394 MB at 10 %, 273 MB at 100 %. (Until the own hardest row of weight 0
+#   was skipped too, 407 MB at every gated fraction.) Before the accumulators' first writes
 #   (zero fills, coefficients multiplied by torch): 8 launches and 542 MB at every gated
 #   fraction. Before the glue was fused: forward 4 B x D-sized ops and 65 O(B) ops,
 #   backward 21 and 54, about 3.8 GB.
@@ -85,6 +90,7 @@ ISSUE_PER_CLOCK = 4  # warp instructions per SM
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
 GLUE_BYTES = {"forward": 69.9e6, "backward": 273e6}  # at 16384 x 1024, nothing gated
 GLUE_GATED_BYTES = 134e6  # the backward's read of the fp32 dense gradient, once gated
+GLUE_HARDEST_BYTES = 134e6  # of the backward's, the hardest-negative rows (ungated only)
 GLUE_O_B_LAUNCHES = {"forward": 3, "backward": 3}
 HBM_EFFICIENCY = 0.7
 LAUNCH_S = 3e-6
@@ -200,8 +206,11 @@ def model_rows(profiles: list[Profile]) -> list[dict]:
             glue = {}
             for direction in ("forward", "backward"):
                 size = b * dim / (16384 * 1024)
-                dense = GLUE_GATED_BYTES if direction == "backward" and frac > 0 else 0.0
-                glue[direction] = (GLUE_BYTES[direction] + dense) * size / (
+                extra = 0.0
+                if direction == "backward":  # the dense gradient, once read; the gated
+                    # anchors' hardest rows (weight 0), never read
+                    extra = GLUE_GATED_BYTES * (frac > 0) - GLUE_HARDEST_BYTES * frac
+                glue[direction] = (GLUE_BYTES[direction] + extra) * size / (
                     device.hbm_bytes_per_s * HBM_EFFICIENCY
                 ) + GLUE_O_B_LAUNCHES[direction] * LAUNCH_S  # fmt: skip
             interior = tile_seconds(fwd, next(iter(fwd.epilogue)), dim, device)

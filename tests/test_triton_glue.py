@@ -199,6 +199,38 @@ def test_gradients_match_the_pytorch_glue(dtype, row_offset):
         assert ((g.double() - w.double()).abs() <= ulp * size).all()
 
 
+@pytest.mark.parametrize("hard_weight", [0.0, 1.0])
+def test_hardest_rows_of_zero_weight_are_not_read(hard_weight):
+    """A hardest-negative term of weight 0 (a gated anchor, an inactive hinge) adds
+    nothing, so its row is not read: a NaN there stays out of the gradients. With weight
+    1 the same NaN must show, which proves the row is read then."""
+    n, dim = 8, 4
+    rows, cols = torch.randn(n, dim), torch.randn(n, dim)
+    cols[5], rows[6] = float("nan"), float("nan")
+    row_hardest = torch.tensor([5, 2, 3, 4, 7, 0, 1, 1])  # column 5 only for row 0
+    col_hardest = torch.tensor([1, 2, 6, 4, 0, 3, 7, 0])  # row 6 only for column 2
+    row_hard, col_hard = torch.ones(n), torch.ones(n)
+    row_hard[0] = col_hard[2] = hard_weight
+    # The NaN rows' own anchors are never a hardest-negative source.
+    col_hard[5] = row_hard[6] = 0.0
+
+    def weights(hardest, hard):
+        return AnchorWeights(torch.ones(n), hardest, torch.zeros(n), hard,
+                             torch.zeros(n, dtype=torch.int32))  # fmt: skip
+
+    block = Block(rows, cols, torch.zeros(n), 0)
+    grad_rows, grad_cols = TritonBackend().sparse_and_diagonal_backward(
+        block, None, weights(row_hardest, row_hard), weights(col_hardest, col_hard),
+        deterministic=False, out_dtypes=(torch.float32, torch.float32),
+    )  # fmt: skip
+    # The diagonal terms read the NaN rows themselves: grad_rows[5] and grad_cols[6].
+    nan_rows = {5} | ({0} if hard_weight else set())
+    nan_cols = {6} | ({2} if hard_weight else set())
+    for grad, nans in ((grad_rows, nan_rows), (grad_cols, nan_cols)):
+        has_nan = grad.isnan().any(dim=1)
+        assert set(has_nan.nonzero().flatten().tolist()) == nans
+
+
 # Gate patterns of test_accumulators_are_written_before_read: (gated rows, gated columns)
 # out of 150 rows and 170 columns; with panels of 128, 140 gated rows span two panels.
 GATE_PATTERNS = {

@@ -289,7 +289,9 @@ def _row_gradient(
     k_ok = k < D
     arg = tl.load(row_arg_ptr + r)
     w = tl.load(row_up_ptr + r) * tl.load(row_hw_ptr + r)
-    if arg >= 0:
+    # A zero weight (a gated anchor, or an inactive hinge) adds nothing: its row is not
+    # read, as hard_keys_kernel leaves such sources out of the sums below.
+    if (arg >= 0) & (w != 0.0):
         x = tl.load(cols_ptr + arg * stride_cn + k * stride_ck, mask=k_ok, other=0.0)
         acc += w * x.to(tl.float32)
     first, end = _segment(keys_ptr, b + N, N + r, search_steps)
@@ -322,8 +324,8 @@ def _col_gradient(
         x = tl.load(rows_ptr + i * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
         acc += w_i * x.to(tl.float32)
     q = tl.load(col_arg_ptr + c) - row_offset
-    if (q >= 0) & (q < b):
-        w = tl.load(col_up_ptr + c) * tl.load(col_hw_ptr + c)
+    w = tl.load(col_up_ptr + c) * tl.load(col_hw_ptr + c)
+    if (q >= 0) & (q < b) & (w != 0.0):  # (a zero weight: see _row_gradient)
         x = tl.load(rows_ptr + q * stride_rm + k * stride_rk, mask=k_ok, other=0.0)
         acc += w * x.to(tl.float32)
     r = c - row_offset
