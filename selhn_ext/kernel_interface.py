@@ -371,7 +371,7 @@ def split_fully_active(
     col_full = gated.col_gated & (col_active == n_cols - 1)
     if not bool(row_full.any() | col_full.any()):
         return None
-    zero = torch.zeros((), dtype=gated.row_dense_weight.dtype)
+    zero = gated.row_dense_weight.new_zeros(())  # same dtype and device
     rest = GatedFactors(
         gated.row_upstream, torch.where(row_full, zero, gated.row_dense_weight),
         gated.col_upstream, torch.where(col_full, zero, gated.col_dense_weight),
